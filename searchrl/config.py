@@ -1,0 +1,366 @@
+"""Typed schema of params.yaml: one pydantic model per stage section.
+
+Every knob of the pipeline lives in params.yaml (the embedded default). Presets under configs/ are
+partial overlays deep-merged on top of it (`load_params(preset=...)`), and `--set a.b=c` overrides a
+single value. Validation is strict: an unknown key, a wrong type or a missing input file is reported
+in one line that names the key path, e.g.
+
+    params.yaml: unknown key 'index.factroy' (did you mean 'factory'?)
+
+Paths to inputs outside the pipeline (e.g. ../shared/data) are relative to the project root (the
+directory holding pyproject.toml / .dvc); pipeline artifacts are relative to the working directory
+DVC runs the stage in.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from searchrl.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- shared
+class PolicyCfg(Section):
+    model: str = "smollm2-135m-instruct"  # embedded alias, hub id, or local dir
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+class TrackingCfg(Section):
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins
+    experiment: str = "searchrl"
+    registered_model: str = "searchrl-policy"
+
+
+class AgentCfg(Section):
+    """The multi-turn search loop shared by evaluation, rejection sampling and RL."""
+
+    protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
+    backend: Literal["hf", "vllm"] = "hf"
+    max_retrievals: int = Field(8, ge=0)
+    max_segment_tokens: int = Field(512, ge=1)
+    max_total_tokens: int = Field(1024, ge=1)
+    max_query_chars: int = Field(300, ge=1)
+    max_passage_words: int = Field(120, ge=1)
+    top_k: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    cache_path: str = "data/cache/retrieval.sqlite"
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+# ----------------------------------------------------------------------------- prepare
+class ProbeCfg(Section):
+    enabled: bool = True
+    max_new_tokens: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    cache_path: str = "data/cache/probe.json"
+
+
+class KnowledgeWorldCfg(Section):
+    n_people: int = Field(60, ge=2)
+    n_companies: int = Field(30, ge=2)
+    n_works: int = Field(30, ge=2)
+    n_countries: int = Field(0, ge=0)  # 0 = all built-in countries
+    n_train: int = Field(240, ge=1)
+    n_eval: int = Field(120, ge=1)
+    n_seen: int = Field(60, ge=0)
+    eval_entity_fraction: float = Field(0.3, gt=0, lt=1)
+    question_mix: dict[str, float] = {
+        "real_1hop": 1.0,
+        "fictional_1hop": 1.0,
+        "bridge_fictional_real": 1.0,
+        "fictional_2hop": 1.0,
+        "comparison": 1.0,
+        "mixed_3hop": 1.0,
+    }
+    probe: ProbeCfg = ProbeCfg()
+
+
+class FileSpec(Section):
+    path: str
+    format: Literal["auto", "r1searcher", "flashrag", "hotpotqa", "ircot", "musique", "passages"] = "auto"
+    dataset: str | None = None  # name stored on each record; default: file stem
+    limit: int = Field(0, ge=0)  # 0 = all rows
+
+
+class JsonlSourceCfg(Section):
+    train: list[FileSpec] = []
+    eval: list[FileSpec] = []
+    corpus: list[FileSpec] = []
+    corpus_from_contexts: bool = True  # add paragraphs found inside QA files to the corpus
+    chunk_words: int = Field(0, ge=0)  # 0 = keep passages whole; 100 = KILT-style chunks
+    title_in_text: bool = True  # prepend the title to each chunk as R1-Searcher's KILT split
+
+
+class HfDatasetSpec(Section):
+    name: Literal["hotpotqa", "2wikimultihopqa", "musique", "bamboogle"]
+    split: str = "validation"
+    role: Literal["train", "eval"] = "eval"
+    limit: int = Field(0, ge=0)
+    path: str | None = None  # hub id or local dir; default per dataset
+    config: str | None = None
+
+
+class HfSourceCfg(Section):
+    datasets: list[HfDatasetSpec] = []
+    corpus_from_contexts: bool = True
+    chunk_words: int = Field(0, ge=0)
+    title_in_text: bool = True
+
+
+class PrepareCfg(Section):
+    source: Literal["knowledge_world", "jsonl", "hf"] = "knowledge_world"
+    out_dir: str = "data/prepared"
+    knowledge_world: KnowledgeWorldCfg = KnowledgeWorldCfg()
+    jsonl: JsonlSourceCfg = JsonlSourceCfg()
+    hf: HfSourceCfg = HfSourceCfg()
+
+
+# ----------------------------------------------------------------------------- index
+class IndexCfg(Section):
+    kind: Literal["dense", "bm25"] = "dense"
+    encoder: str = "all-minilm-l6-v2"  # embedded alias, hub id or local dir
+    query_instruction: str = ""  # BGE: "Represent this sentence for searching relevant passages: "
+    passage_prefix: str = ""  # E5: "passage: "
+    factory: str = "Flat"  # any faiss index_factory string: Flat, HNSW32,Flat, IVF256,PQ16 ...
+    normalize: bool = True
+    batch_size: int = Field(128, ge=1)
+    shard_size: int = Field(8192, ge=1)
+    max_length: int = Field(256, ge=8)
+    nprobe: int = Field(16, ge=1)
+    ef_search: int = Field(64, ge=1)
+    out_dir: str = "data/index"
+
+
+# ----------------------------------------------------------------------------- sample / sft / rl
+class SampleCfg(Section):
+    sampler: Literal["policy", "teacher", "oracle"] = "policy"
+    teacher_model: str | None = None  # local dir / hub id / vllm:<id> / http(s)://.../v1 (key from env)
+    teacher_api_key_env: str = "OPENAI_API_KEY"
+    n_samples: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    keep_per_question: int = Field(2, ge=1)
+    max_questions: int = Field(0, ge=0)
+    max_answer_words: int = Field(10, ge=1)
+    difficulty_easy_min_correct: int = Field(6, ge=0)
+    difficulty_medium_min_correct: int = Field(1, ge=0)
+    out_dir: str = "data/sft"
+
+
+class SftCfg(Section):
+    epochs: float = Field(2, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    max_length: int = Field(1024, ge=16)
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    save_steps: int = Field(50, ge=1)
+    out_dir: str = "models/sft"
+
+
+class RewardCfg(Section):
+    kind: Literal["r1searcher_pp", "r1searcher_stage1", "r1searcher_stage2"] = "r1searcher_pp"
+    format_penalty: float = -2.0
+    max_answer_words: int = Field(10, ge=1)
+    group_reward: bool = True
+    group_form: Literal["two_sigma_sq", "sigma", "linear_gap"] = "two_sigma_sq"
+    group_std: Literal["population", "sample"] = "population"
+    group_clip: float = Field(2.0, ge=0)  # eta
+
+
+class RlCfg(Section):
+    name: str = "rl"
+    init: str = "models/sft"
+    estimator: Literal["reinforce_pp_baseline", "grpo"] = "reinforce_pp_baseline"
+    reward: RewardCfg = RewardCfg()
+    memorization: bool = True
+    memorization_weight: float = Field(0.1, ge=0)  # mu
+    rewriter: Literal["policy", "teacher", "oracle"] = "oracle"
+    num_generations: int = Field(4, ge=2)
+    prompts_per_step: int = Field(2, ge=1)
+    max_steps: int = Field(10, ge=1)
+    lr: float = Field(2e-6, gt=0)
+    beta: float = Field(1e-4, ge=0)
+    epsilon: float = Field(0.2, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    save_steps: int = Field(5, ge=1)
+    collapse_window: int = Field(5, ge=2)
+    difficulty: list[Literal["easy", "medium", "difficult"]] = ["medium", "difficult"]
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    out_dir: str = "models/rl"
+
+
+# ----------------------------------------------------------------------------- evaluate
+class EvaluateCfg(Section):
+    methods: list[Literal["direct", "rag", "agent_r1searcher_pp", "agent_r1searcher", "sft", "rl"]] = [
+        "direct", "rag"]
+    top_k: int = Field(5, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_questions: int = Field(0, ge=0)  # 0 = all
+    out_dir: str = "reports/eval"
+
+
+class PipelineCfg(Section):
+    retrain_cron: str = "0 3 * * 0"  # scheduled retraining (Prefect deployment), weekly by default
+    retries: int = Field(1, ge=0)
+
+
+class Params(Section):
+    seed: int = 0
+    policy: PolicyCfg = PolicyCfg()
+    tracking: TrackingCfg = TrackingCfg()
+    agent: AgentCfg = AgentCfg()
+    prepare: PrepareCfg = PrepareCfg()
+    index: IndexCfg = IndexCfg()
+    sample: SampleCfg = SampleCfg()
+    sft: SftCfg = SftCfg()
+    rl: RlCfg = RlCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    pipeline: PipelineCfg = PipelineCfg()
+
+    @model_validator(mode="after")
+    def _check_input_files(self) -> Params:
+        if self.prepare.source == "jsonl":
+            specs = self.prepare.jsonl.train + self.prepare.jsonl.eval + self.prepare.jsonl.corpus
+            for group, spec_list in (("train", self.prepare.jsonl.train), ("eval", self.prepare.jsonl.eval),
+                                     ("corpus", self.prepare.jsonl.corpus)):
+                for i, spec in enumerate(spec_list):
+                    if not resolve_input(spec.path).exists():
+                        raise ValueError(f"prepare.jsonl.{group}[{i}].path: file not found: {spec.path}")
+            if not specs:
+                raise ValueError("prepare.jsonl: no files listed (set train/eval/corpus)")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+def project_root() -> Path:
+    """The repository root: SEARCHRL_ROOT, else the nearest parent holding pyproject.toml."""
+    if env := os.environ.get("SEARCHRL_ROOT"):
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").exists() and (d / "searchrl").is_dir():
+            return d
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_input(path: str) -> Path:
+    """Inputs outside the pipeline are relative to the project root (works from runs/<preset>/)."""
+    p = Path(os.path.expandvars(os.path.expanduser(path)))
+    return p if p.is_absolute() else project_root() / p
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. evaluate.top_k=5")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _model_for_path(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:  # list[FileSpec] and similar
+            for arg in getattr(ann, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+    return model
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    dotted = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    if e["type"] == "extra_forbidden":
+        parent = _model_for_path(loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(parent.model_fields)})"
+        return f"{source}: unknown key '{dotted}'{hint}"
+    if e["type"] == "value_error":
+        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
+    got = e.get("input")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: '{dotted}': {e['msg']} (got {got!r}){more}"
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def load_raw(path: str | os.PathLike = "params.yaml", preset: str | os.PathLike | None = None,
+             overrides: list[str] | None = None) -> dict:
+    raw = load_yaml(path)
+    if preset:
+        raw = deep_merge(raw, load_yaml(preset))
+    return apply_overrides(raw, overrides or [])
+
+
+def validate(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml", preset: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> Params:
+    """Load, merge and validate; raises ConfigError with a one-line message."""
+    source = str(path) if not preset else f"{path} + {preset}"
+    return validate(load_raw(path, preset, overrides), source)
