@@ -114,6 +114,7 @@ class HfDatasetSpec(Section):
 
 class HfSourceCfg(Section):
     datasets: list[HfDatasetSpec] = []
+    corpus: list[FileSpec] = []  # local passage files added to the datasets' context paragraphs
     corpus_from_contexts: bool = True
     chunk_words: int = Field(0, ge=0)
     title_in_text: bool = True
@@ -136,10 +137,14 @@ class IndexCfg(Section):
     factory: str = "Flat"  # any faiss index_factory string: Flat, HNSW32,Flat, IVF256,PQ16 ...
     normalize: bool = True
     batch_size: int = Field(128, ge=1)
-    shard_size: int = Field(8192, ge=1)
+    shard_size: int = Field(8192, ge=1)  # passages per resumable embedding shard
     max_length: int = Field(256, ge=8)
-    nprobe: int = Field(16, ge=1)
-    ef_search: int = Field(64, ge=1)
+    device: str = "auto"  # encoder device: auto | cpu | cuda | cuda:N
+    train_sample: int = Field(100_000, ge=1)  # vectors sampled to train IVF / PQ factories
+    nprobe: int = Field(16, ge=1)  # IVF lists visited per query (search time)
+    ef_search: int = Field(64, ge=1)  # HNSW efSearch (search time)
+    keep_embeddings: bool = True  # keep the shards after a build: a new factory re-uses them
+    work_dir: str = ""  # embedding shards; "" = <out_dir>.work next to the index
     out_dir: str = "data/index"
 
 
@@ -244,6 +249,12 @@ class Params(Section):
                         raise ValueError(f"prepare.jsonl.{group}[{i}].path: file not found: {spec.path}")
             if not specs:
                 raise ValueError("prepare.jsonl: no files listed (set train/eval/corpus)")
+        if self.prepare.source == "hf":
+            if not self.prepare.hf.datasets:
+                raise ValueError("prepare.hf.datasets: no datasets listed (e.g. - {name: hotpotqa})")
+            for i, spec in enumerate(self.prepare.hf.corpus):
+                if not resolve_input(spec.path).exists():
+                    raise ValueError(f"prepare.hf.corpus[{i}].path: file not found: {spec.path}")
         return self
 
 

@@ -1,0 +1,194 @@
+"""Index build throughput: `build_index` (Flat, MiniLM) vs the raw encoder's ceiling.
+
+    python bench/bench_index.py                 # all ~55k paragraphs of ../shared/data/corpus (minutes)
+    python bench/bench_index.py --limit 2000    # a quick run on a fixed random sample
+
+Both sides encode the same texts ('title\\ntext') with the same model, batch size, max_length and
+normalisation:
+- ceiling: `SentenceTransformer.encode(texts, batch_size=...)`, one call, model already loaded;
+- ours:    `build_index(...)` end to end: model load, corpus hash, sharded encoding with a fresh work
+           dir (nothing resumed), .npy shards, faiss add, passages.parquet, sha256s, manifest.
+Target: ours >= 90% of the ceiling's passages/s. The two run back to back (`--order` picks which goes
+first; `--repeats 2` with abab ordering to average out other load on the machine), and the machine's
+load average is recorded, since other processes may share the CPU. The run also checks that both
+produce the same vectors. The index is kept in --index-dir for bench_search.py.
+Results: bench/results/index_build.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from searchrl.config import IndexCfg  # noqa: E402
+from searchrl.data.schema import Passage  # noqa: E402
+from searchrl.models import resolve  # noqa: E402
+from searchrl.retrieval.index import build_index, contents, read_passages  # noqa: E402
+
+
+def shared_data() -> Path:
+    env = os.environ.get("SEARCHRL_SHARED_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def load_corpus(corpus_dir: Path, limit: int = 0, seed: int = 0) -> list[Passage]:
+    """Every paragraph of corpus_dir/*.jsonl, read in place; id = <file stem>:<line>."""
+    files = sorted(corpus_dir.glob("*.jsonl"))
+    if not files:
+        sys.exit(f"no *.jsonl under {corpus_dir} (set SEARCHRL_SHARED_DATA or --corpus-dir)")
+    out = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    o = json.loads(line)
+                    out.append(Passage(f"{f.stem}:{lineno}", o.get("title", ""), o["text"], o.get("source", "")))
+    if limit and limit < len(out):
+        out = sorted(random.Random(seed).sample(out, limit), key=lambda p: p.id)
+    return out
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run_ceiling(texts: list[str], cfg: IndexCfg) -> tuple[dict, np.ndarray]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve(cfg.encoder), device="cpu")
+    model.max_seq_length = cfg.max_length
+    la0, t0 = loadavg(), time.perf_counter()
+    emb = model.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
+                       convert_to_numpy=True, show_progress_bar=False)
+    dt = time.perf_counter() - t0
+    return {"seconds": round(dt, 2), "passages_per_s": round(len(texts) / dt, 2), "loadavg_before": la0,
+            "loadavg_after": loadavg()}, emb
+
+
+def run_ours(passages: list[Passage], cfg: IndexCfg, index_dir: Path) -> tuple[dict, np.ndarray]:
+    import faiss
+
+    work = Path(tempfile.mkdtemp(prefix="bench-index-work-"))
+    try:
+        la0, t0 = loadavg(), time.perf_counter()
+        stats = build_index(passages, cfg.model_copy(update={"work_dir": str(work)}), index_dir, progress=False)
+        dt = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    index = faiss.read_index(str(index_dir / "index.faiss"))
+    vecs = index.reconstruct_n(0, index.ntotal)
+    return {"seconds": round(dt, 2), "passages_per_s": round(len(passages) / dt, 2),
+            "encode_seconds": stats["encode_seconds"], "encode_passages_per_s": stats["encoded_per_s"],
+            "other_seconds": round(dt - stats["encode_seconds"], 2), "shards": stats["shards"],
+            "loadavg_before": la0, "loadavg_after": loadavg()}, vecs
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--limit", type=int, default=0, help="random sample of N passages (0 = all)")
+    ap.add_argument("--corpus-dir", type=Path, default=shared_data() / "corpus")
+    ap.add_argument("--batch-size", type=int, default=IndexCfg().batch_size)
+    ap.add_argument("--max-length", type=int, default=IndexCfg().max_length)
+    ap.add_argument("--shard-size", type=int, default=IndexCfg().shard_size)
+    ap.add_argument("--order", choices=["ceiling-first", "ours-first"], default="ceiling-first")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds; the order alternates between rounds")
+    ap.add_argument("--index-dir", type=Path, default=ROOT / ".cache" / "bench" / "index-flat")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "index_build.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("faiss", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    passages = load_corpus(args.corpus_dir, args.limit)
+    texts = contents(read_passages(passages))
+    cfg = IndexCfg(batch_size=args.batch_size, max_length=args.max_length, shard_size=args.shard_size,
+                   factory="Flat", kind="dense")
+    print(f"{len(passages)} passages, mean {np.mean([len(t) for t in texts]):.0f} chars; batch {cfg.batch_size}, "
+          f"max_length {cfg.max_length}, shard {cfg.shard_size}", flush=True)
+
+    rounds = []
+    for r in range(args.repeats):
+        first = args.order if r % 2 == 0 else ("ours-first" if args.order == "ceiling-first" else "ceiling-first")
+        result = {"order": first}
+        for side in (["ceiling", "ours"] if first == "ceiling-first" else ["ours", "ceiling"]):
+            if side == "ceiling":
+                result["ceiling"], ceil_emb = run_ceiling(texts, cfg)
+            else:
+                result["ours"], our_emb = run_ours(passages, cfg, args.index_dir)
+            print(f"round {r + 1} {side}: {result[side]}", flush=True)
+        result["ratio"] = round(result["ours"]["passages_per_s"] / result["ceiling"]["passages_per_s"], 4)
+        result["max_abs_diff_vectors"] = float(np.abs(ceil_emb - our_emb).max())
+        rounds.append(result)
+
+    ours = sum(x["ours"]["seconds"] for x in rounds)
+    ceiling = sum(x["ceiling"]["seconds"] for x in rounds)
+    report = {
+        "benchmark": "index build passages/s: build_index (Flat) vs raw SentenceTransformer.encode",
+        "command": " ".join(["python", shlex.quote(os.path.relpath(__file__, ROOT)), *map(shlex.quote,
+                                                                                           sys.argv[1:])]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": _versions(),
+        "corpus": {"dir": str(args.corpus_dir), "passages": len(passages), "limit": args.limit,
+                   "mean_chars": round(float(np.mean([len(t) for t in texts])), 1)},
+        "settings": {"encoder": cfg.encoder, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+                     "shard_size": cfg.shard_size, "normalize": cfg.normalize, "factory": cfg.factory},
+        "rounds": rounds,
+        "ours_passages_per_s": round(len(passages) * len(rounds) / ours, 2),
+        "ceiling_passages_per_s": round(len(passages) * len(rounds) / ceiling, 2),
+        "ratio": round(ceiling / ours, 4),
+        "target_ratio": 0.9,
+    }
+    report["meets_target"] = report["ratio"] >= report["target_ratio"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"ours {report['ours_passages_per_s']} passages/s vs ceiling {report['ceiling_passages_per_s']} "
+          f"-> ratio {report['ratio']} (target {report['target_ratio']}) -> {args.out}", flush=True)
+
+
+def _versions() -> dict:
+    import faiss
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__, "faiss": faiss.__version__}
+
+
+if __name__ == "__main__":
+    main()

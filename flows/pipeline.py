@@ -1,0 +1,190 @@
+"""Prefect flow: the DVC stages in order, one Prefect task per stage, under one MLflow parent run.
+
+    python -m flows.pipeline                                   # whole pipeline on params.yaml
+    python -m flows.pipeline --preset configs/smoke.yaml       # a preset, in runs/smoke/
+    python -m flows.pipeline --set evaluate.top_k=5 --stages prepare index
+
+Each task shells out to `dvc repro <stage>` in the workspace (`searchrl.workspace`: the project root,
+or runs/<preset>/ for a preset or overrides), so DVC decides what is stale from dvc.lock: a second run
+with nothing changed reruns nothing and the task logs DVC's own "Stage 'x' didn't change, skipping".
+Tasks use NO_CACHE (Prefect must not second-guess DVC) and retry `params.pipeline.retries` times,
+except after a user error (a stage exits 2 on a bad config, bad input or failed Great Expectations
+suite: retrying cannot help). A failing stage fails the flow with the stage's own error message and
+nothing downstream runs; the stage publishes its outputs atomically, so the previous ones survive.
+
+The flow opens the MLflow parent run and hands its id to the stages (SEARCHRL_PARENT_RUN_ID), which
+nest their runs under it. After `evaluate` it publishes the evaluation table as a markdown artifact.
+
+Runs locally with no server: Prefect starts its temporary local API server (a few seconds).
+Point PREFECT_API_URL at a `prefect server start` server to keep the runs in its UI.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect reads its settings: offline, no telemetry, quiet server logs.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from searchrl import tracking  # noqa: E402
+from searchrl.config import load_params, project_root  # noqa: E402
+from searchrl.errors import ConfigError  # noqa: E402
+from searchrl.workspace import make_workspace  # noqa: E402
+
+USER_ERROR_EXIT = 2  # searchrl.stage.run_stage: bad config / input / failed validation
+RAN = re.compile(r"^Running stage '([^']+)'")
+CACHED = re.compile(r"^Stage '([^']+)' is cached - skipping run")
+ERROR_LINE = re.compile(r"^(\S+: error: |ERROR: |[A-Za-z_.]*(Error|Exception): )")
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro <stage>` exited non-zero; the message carries the stage's own error lines."""
+
+    def __init__(self, stage: str, returncode: int, message: str, user_error: bool):
+        self.stage, self.returncode, self.user_error = stage, returncode, user_error
+        super().__init__(message)
+
+
+def dvc_stages(workspace: Path) -> list[str]:
+    """Stage names in dvc.yaml order (the file lists them upstream first)."""
+    graph = yaml.safe_load((workspace / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    return list(graph.get("stages", {}))
+
+
+def stage_env(workspace: Path, parent_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)  # `python` in stage commands = this interpreter
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["SEARCHRL_ROOT"] = str(project_root())
+    env["PYTHONUNBUFFERED"] = "1"  # stream stage logs live
+    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars in a log: a line every few seconds
+    if parent_run_id:
+        env["SEARCHRL_PARENT_RUN_ID"] = parent_run_id
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    return not getattr(state.data, "user_error", False)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc-repro-{stage}", retry_condition_fn=_retry_unless_user_error)
+def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
+    """`dvc repro <stage>` in the workspace, its output streamed into the Prefect log line by line."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", stage]
+    logger.info("$ dvc repro %s   (in %s)", stage, workspace)
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    errors: list[str] = []
+    ran: list[str] = []
+    with subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, errors="replace") as proc:
+        for line in proc.stdout:  # text mode splits on \r too: tqdm updates arrive as lines
+            line = line.rstrip()
+            if not line:
+                continue
+            logger.info(line)
+            tail.append(line)
+            if m := RAN.match(line) or CACHED.match(line):
+                ran.append(m.group(1))
+            if ERROR_LINE.match(line):
+                errors.append(line)
+    if proc.returncode != 0:
+        user_error = re.search(rf"exited with {USER_ERROR_EXIT}\b", "\n".join(tail)) is not None
+        detail = "\n".join(errors) if errors else "\n".join(tail)
+        raise StageFailed(stage, proc.returncode,
+                          f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n{detail}", user_error)
+    return {"stage": stage, "ran": ran, "up_to_date": stage not in ran}
+
+
+def publish_evaluation(workspace: Path, out_dir: str, label: str) -> str | None:
+    """The evaluation table (methods x datasets: EM / F1 / CEM / retrievals) as a Prefect artifact."""
+    from searchrl.evaluation import markdown_table
+
+    path = workspace / out_dir / "metrics.json"
+    if not path.exists():
+        get_run_logger().warning("no %s: nothing to publish", path)
+        return None
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    table = markdown_table(metrics)
+    markdown = f"# searchrl evaluation ({label})\n\n{table}\n\nfrom `{path}`\n"
+    key = re.sub(r"[^a-z0-9-]+", "-", f"searchrl-eval-{label}".lower()).strip("-")
+    create_markdown_artifact(markdown=markdown, key=key, description=f"evaluation table, {label}")
+    get_run_logger().info("evaluation:\n%s", table)
+    return table
+
+
+@flow(name="searchrl-pipeline", log_prints=True)
+def searchrl_pipeline(preset: str | None = None, overrides: list[str] | None = None,
+                      stages: list[str] | None = None) -> dict:
+    """Run the DVC stages (all, or `stages`) on params.yaml + preset + overrides."""
+    logger = get_run_logger()
+    workspace = make_workspace(preset, overrides)
+    params = load_params(workspace / "params.yaml")
+    known = dvc_stages(workspace)
+    selected = known if not stages else [s for s in known if s in stages]
+    if unknown := sorted(set(stages or []) - set(known)):
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: {', '.join(known)}")
+    label = Path(preset).stem if preset else ("custom" if overrides else "params")
+    logger.info("workspace %s; stages: %s", workspace, " -> ".join(selected))
+
+    run_task = repro_stage.with_options(retries=params.pipeline.retries, retry_delay_seconds=5)
+    results: dict[str, dict] = {}
+    # The parent MLflow run: the stages (DVC subprocesses) nest under it via SEARCHRL_PARENT_RUN_ID.
+    with tracking.stage_run("pipeline", params, run_name=f"pipeline-{label}") as parent:
+        import mlflow
+
+        mlflow.set_tags({"preset": label, "stages": ",".join(selected), "workspace": str(workspace),
+                         "overrides": " ".join(overrides or [])})
+        parent_id = parent.info.run_id
+        env = stage_env(workspace, parent_id, tracking.tracking_uri(params))
+        for stage in selected:
+            results[stage] = run_task(stage, str(workspace), env)
+        table = publish_evaluation(workspace, params.evaluate.out_dir, label) if "evaluate" in selected else None
+        if table:
+            mlflow.log_text(table + "\n", "evaluation.md")
+    ran = [s for r in results.values() for s in r["ran"]]
+    logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)")
+    return {"workspace": str(workspace), "stages": selected, "ran": ran, "parent_run_id": parent_id,
+            "evaluation": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", help="preset YAML deep-merged over params.yaml, e.g. configs/smoke.yaml")
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override one value, e.g. --set evaluate.top_k=5 (repeatable)")
+    ap.add_argument("--stages", nargs="+", metavar="STAGE", help="run these stages (and what they need)")
+    args = ap.parse_args(argv)
+    try:
+        make_workspace(args.preset, args.overrides)  # a bad preset / override: one line, no flow run
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state = searchrl_pipeline(preset=args.preset, overrides=args.overrides, stages=args.stages,
+                              return_state=True)
+    if state.is_failed():
+        print(f"\npipeline failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Text generation backends for the search agent: token ids in, sampled token ids + logprobs out.
+
+Every backend implements one call, `generate(prompts, max_new_tokens=..., stop=..., temperature=...,
+top_p=..., seed=...) -> list[Generation]`, over *token-id* prompts. The rollout engine never
+decodes-and-re-encodes history: it hands back `prompt_ids + completion ids so far` on every turn.
+
+- `HFBackend`: transformers on CPU or CUDA with our own decode loop (left padding, a KV cache that
+  grows in place, per-row stop strings, finished rows leave the batch). Greedy when temperature == 0.
+- `VLLMBackend`: offline `vllm.LLM` (GPU). `import vllm` happens only inside it.
+
+`Generation.token_ids` are exactly the sampled tokens: they include every token of a matched stop
+string (and possibly a few characters after it, when the last token runs past the stop string's end)
+and the final EOS token if one was sampled. `Generation.text` is the decode of those ids without
+the final EOS, so `text` always agrees with the tokens (vLLM's own `.text`, which is cut at the stop
+string, is not used).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+# Special tokens that end a turn in the chat models we care about (Qwen, Llama-3, SmolLM, GPT-2).
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # exactly as sampled (includes the stop string's tokens and a final EOS if produced)
+    text: str  # decode of token_ids without the EOS special token
+    logprobs: list[float]  # sampling logprob of each token (of the distribution actually sampled from)
+    finish: str  # "stop" | "eos" | "length"
+    stop: str | None = None  # which stop string matched
+
+
+@runtime_checkable
+class Backend(Protocol):
+    tokenizer: Any
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]: ...
+
+
+# ----------------------------------------------------------------------------- tokenizer helpers
+def decode(tokenizer, ids: list[int]) -> str:
+    """Decode exactly (special tokens kept, no clean-up of spaces): the text the tokens stand for."""
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Tokenise a piece of text on its own (no BOS/EOS added)."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS, the generation config's EOS list, and the
+    usual end-of-turn special tokens (<|im_end|>, <|endoftext|>, <|eot_id|>, ...) when the vocabulary
+    has them as special tokens."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in _END_TOKENS:
+        if tok in special:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+    return ids
+
+
+def chat_prompt_ids(tokenizer, system: str | None, user: str, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a one-turn chat prompt ending where the assistant starts writing.
+
+    Uses the tokenizer's chat template (generation prompt added); `assistant_prefix` (e.g. "<think>")
+    is appended to the rendered text before tokenising. A tokenizer without a chat template (a base
+    model) gets the plain "System / User: ... / Assistant:" layout of R1-Searcher's base prompt.
+    `system=None` keeps the template's default system message (if it has one).
+    """
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = (f"{system}\n\n" if system else "") + f"User: {user}\nAssistant:"
+        if assistant_prefix and not assistant_prefix.startswith((" ", "\n")):
+            text += " "
+    return encode(tokenizer, text + assistant_prefix)
+
+
+# ----------------------------------------------------------------------------- stop strings
+class _StopWatcher:
+    """Finds the first stop string in a row's generated text, decoding only a short tail window.
+
+    A stop string first appears at the step that completes it, and the token that completes it is in
+    the last `window` tokens (each token adds at least one character of an ASCII stop string), so
+    checking `decode(tail)` each step is exact and O(1) per token.
+    """
+
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...]):
+        self.tok = tokenizer
+        self.stops = [s for s in stops if s]
+        self.window = max((len(s) for s in self.stops), default=0) + 3
+
+    def match(self, ids: list[int]) -> str | None:
+        if not self.stops:
+            return None
+        tail = decode(self.tok, ids[-self.window:])
+        best, pos = None, None
+        for s in self.stops:
+            i = tail.find(s)
+            if i >= 0 and (pos is None or i < pos):
+                best, pos = s, i
+        return best
+
+
+# ----------------------------------------------------------------------------- HF backend
+_BLOCK = 16  # prefix-cache granularity (tokens)
+
+
+def _grow_cache(n_layers: int, capacity: int):
+    """A DynamicCache whose layers write into preallocated buffers (no torch.cat per step: with 32 rows
+    x 400 tokens the concatenating cache copies ~0.5 GB per decode step on SmolLM2), can start from
+    reused prefix KV, and can drop rows and leading padding columns cheaply."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    class GrowLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+            self.kbuf = self.vbuf = None
+
+        def _reserve(self, need: int, k, v):
+            if self.kbuf is not None and need <= self.kbuf.shape[-2]:
+                return
+            cap = max(need, capacity, 2 * (self.kbuf.shape[-2] if self.kbuf is not None else 0))
+            kb = k.new_empty((*k.shape[:-2], cap, k.shape[-1]))
+            vb = v.new_empty((*v.shape[:-2], cap, v.shape[-1]))
+            if self.n:
+                kb[..., : self.n, :] = self.kbuf[..., : self.n, :]
+                vb[..., : self.n, :] = self.vbuf[..., : self.n, :]
+            self.kbuf, self.vbuf = kb, vb
+
+        def _views(self):
+            self.keys, self.values = self.kbuf[..., : self.n, :], self.vbuf[..., : self.n, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            q = key_states.shape[-2]
+            self._reserve(self.n + q, key_states, value_states)
+            self.kbuf[..., self.n: self.n + q, :] = key_states
+            self.vbuf[..., self.n: self.n + q, :] = value_states
+            self.n += q
+            self._views()
+            return self.keys, self.values
+
+        def load(self, k_past, v_past):
+            """Start from past KV [B, H, P, D]."""
+            self.lazy_initialization(k_past, v_past)
+            self.n = 0
+            self._reserve(k_past.shape[-2], k_past, v_past)
+            self.kbuf[..., : k_past.shape[-2], :] = k_past
+            self.vbuf[..., : v_past.shape[-2], :] = v_past
+            self.n = k_past.shape[-2]
+            self._views()
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def batch_select_indices(self, indices) -> None:
+            if self.kbuf is not None:
+                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+                self._views()
+
+        def drop_leading(self, m: int) -> None:
+            """Forget the first m positions (padding every remaining row shares)."""
+            if self.kbuf is not None and m > 0:
+                self.kbuf, self.vbuf = self.kbuf[..., m:, :], self.vbuf[..., m:, :]
+                self.n -= m
+                self._views()
+
+        def row(self, j: int, cols):
+            """KV of batch row j at columns `cols` (a LongTensor), as contiguous [H, len, D]."""
+            return (self.kbuf[j].index_select(-2, cols).contiguous(),
+                    self.vbuf[j].index_select(-2, cols).contiguous())
+
+    class GrowCache(DynamicCache):
+        def __init__(self):
+            Cache.__init__(self, layers=[GrowLayer() for _ in range(n_layers)])
+
+        def drop_leading(self, m: int) -> None:
+            for layer in self.layers:
+                layer.drop_leading(m)
+
+        def batch_select_indices(self, indices) -> None:
+            for layer in self.layers:
+                layer.batch_select_indices(indices)
+
+    return GrowCache()
+
+
+class _Entry:
+    __slots__ = ("seq", "kv", "keys", "nbytes", "shared")
+
+    def __init__(self, seq: list[int], kv: list[tuple[Any, Any]], shared: bool = False):
+        self.seq = seq
+        self.shared = shared  # a common prompt prefix (kept), not one rollout's history
+        self.kv = kv  # per layer (K [H, len, D], V [H, len, D]) for seq
+        self.keys: list[int] = []
+        self.nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+
+
+class _PrefixStore:
+    """KV of token sequences already run through the model, found again by longest shared prefix
+    (block-hash chain over 16-token blocks, then an exact comparison). LRU within a byte budget.
+
+    Only valid while the weights do not change: HFBackend keeps one per `generate` call (shared
+    system prompt), or one per `session()` (the engine's rounds: the next prompt of a rollout extends
+    the sequence it just generated, so only the new env tokens need a forward pass)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.index: dict[int, _Entry] = {}
+        self.entries: dict[int, _Entry] = {}  # id(entry) -> entry, insertion order = LRU order
+        self.bytes = 0
+        self.hits = self.hit_tokens = self.lookups = 0
+
+    @staticmethod
+    def _chain(seq: list[int], nblocks: int):
+        h = 0
+        for k in range(nblocks):
+            h = hash((h, tuple(seq[k * _BLOCK:(k + 1) * _BLOCK])))
+            yield h
+
+    def add(self, seq: list[int], kv, shared: bool = False) -> _Entry | None:
+        if len(seq) < _BLOCK:
+            return None
+        e = _Entry(list(seq), kv, shared)
+        if e.nbytes > self.max_bytes:
+            return None
+        for h in self._chain(seq, len(seq) // _BLOCK):
+            self.index[h] = e
+            e.keys.append(h)
+        self.entries[id(e)] = e
+        self.bytes += e.nbytes
+        while self.bytes > self.max_bytes and self.entries:
+            self.drop(next(iter(self.entries.values())))
+        return e
+
+    def drop(self, e: _Entry) -> None:
+        if self.entries.pop(id(e), None) is None:
+            return
+        self.bytes -= e.nbytes
+        for h in e.keys:
+            if self.index.get(h) is e:
+                del self.index[h]
+
+    def lookup(self, p: list[int]) -> tuple[_Entry | None, int]:
+        """(entry, c): the first c tokens of p have their KV in entry (c <= len(p) - 1)."""
+        self.lookups += 1
+        best = None
+        nb = 0
+        for k, h in enumerate(self._chain(p, (len(p) - 1) // _BLOCK)):
+            e = self.index.get(h)
+            if e is None:
+                break
+            best, nb = e, k + 1
+        if best is None or best.seq[: nb * _BLOCK] != p[: nb * _BLOCK]:
+            return None, 0
+        c = nb * _BLOCK
+        lim = min(len(best.seq), len(p) - 1)
+        while c < lim and best.seq[c] == p[c]:
+            c += 1
+        self.entries[id(best)] = self.entries.pop(id(best))  # most recently used
+        self.hits += 1
+        self.hit_tokens += c
+        return best, c
+
+
+class HFBackend:
+    """transformers model + our own batched decode loop.
+
+    Per call: prompts are sorted by length and processed in chunks of `batch_size` rows; each chunk is
+    left-padded and prefilled once (logits for the last position only), then decoded one token per
+    step. After each step a row that sampled an EOS token, completed a stop string or reached its
+    token budget leaves the batch (its KV rows are dropped, and padding columns no remaining row
+    needs are cut), so a long row never makes finished rows pay for more steps.
+
+    Prefix KV reuse: a prompt prefix whose KV is already known is not run again. Within one call the
+    prompts' common prefix (the system prompt) is run once; inside `with backend.session():` (the
+    rollout engine opens one per `run_rollouts`) the KV of every row that stopped on a stop string is
+    kept, so the next round only runs the inserted document tokens. Rows then have two padding gaps
+    ([pad | reused KV | pad | new tokens]); the attention mask and explicit position ids make that
+    exact. Sessions must not span a weight update (the engine's do not).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, kv_reuse: bool = True,
+                 session_max_bytes: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.kv_reuse = kv_reuse
+        self.session_max_bytes = session_max_bytes
+        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        self.stats = {"calls": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
+                      "reused_tokens": 0, "seconds": 0.0}
+        self._session: _PrefixStore | None = None
+
+    @classmethod
+    def load(cls, name: str, dtype: str = "float32", device: str = "auto", batch_size: int = 32,
+             **kw) -> HFBackend:
+        from searchrl.models import load_causal_lm
+
+        model, tok = load_causal_lm(name, dtype=dtype, device=device)
+        return cls(model, tok, batch_size=batch_size, **kw)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _default_store_bytes(self) -> int:
+        if self.session_max_bytes is not None:
+            return int(self.session_max_bytes)
+        return (8 << 30) if self.device.type == "cuda" else (3 << 30)
+
+    @contextmanager
+    def session(self):
+        """Keep prefix KV across `generate` calls (same weights throughout)."""
+        if not self.kv_reuse or self._session is not None:
+            yield self
+            return
+        self._session = _PrefixStore(self._default_store_bytes())
+        try:
+            yield self
+        finally:
+            self._session = None
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+        import torch
+
+        n = len(prompts)
+        budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        if len(budgets) != n:
+            raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {n} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: empty prompt (every prompt needs at least one token)")
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        store = self._session
+        if store is None and self.kv_reuse:
+            store = _PrefixStore(self._default_store_bytes())
+        out: list[Generation | None] = [None] * n
+        order = sorted(range(n), key=lambda i: len(prompts[i]))
+        watcher = _StopWatcher(self.tokenizer, list(stop))
+        t0 = time.perf_counter()
+        for s in range(0, n, self.batch_size):
+            idx = order[s: s + self.batch_size]
+            res = self._generate_chunk([list(prompts[i]) for i in idx], [budgets[i] for i in idx], watcher,
+                                       float(temperature), float(top_p), gen, store)
+            for i, g in zip(idx, res, strict=True):
+                out[i] = g
+        self.stats["calls"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
+        self.stats["generated_tokens"] += sum(len(g.token_ids) for g in out)
+        return out  # type: ignore[return-value]
+
+    def _forward(self, **kw):
+        return self.model(use_cache=True, logits_to_keep=1, **kw).logits[:, -1, :]
+
+    def _shared_prefix(self, prompts, store: _PrefixStore):
+        """Run the chunk's common prompt prefix once (batch 1) and register it in the store."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        lcp = len(prompts[0])
+        for p in prompts[1:]:
+            m = min(lcp, len(p))
+            k = 0
+            while k < m and p[k] == prompts[0][k]:
+                k += 1
+            lcp = k
+        lcp = min(lcp, min(len(p) for p in prompts) - 1)
+        if lcp < 2 * _BLOCK:
+            return
+        ids = torch.tensor([prompts[0][:lcp]], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        self.model(input_ids=ids, position_ids=torch.arange(lcp, device=self.device)[None], past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        self.stats["prefill_tokens"] += lcp
+        kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
+        store.add(prompts[0][:lcp], kv, shared=True)
+
+    def _generate_chunk(self, prompts, budgets, watcher, temperature, top_p, gen, store) -> list[Generation]:
+        import torch
+
+        dev = self.device
+        B = len(prompts)
+        results: list[Generation | None] = [None] * B
+        ids_out: list[list[int]] = [[] for _ in range(B)]
+        lps_out: list[list[float]] = [[] for _ in range(B)]
+        live = []
+        for r in range(B):
+            if budgets[r] <= 0:
+                results[r] = Generation([], "", [], "length", None)
+            else:
+                live.append(r)
+        if not live:
+            return results  # type: ignore[return-value]
+        n_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
+        with torch.inference_mode():
+            # ---- reused prefixes
+            hits: list[tuple[_Entry | None, int]] = [(None, 0)] * len(live)
+            if store is not None:
+                hits = [store.lookup(prompts[r]) for r in live]
+                if len(live) > 1 and all(c == 0 for _, c in hits):
+                    self._shared_prefix([prompts[r] for r in live], store)
+                    hits = [store.lookup(prompts[r]) for r in live]
+            P = max(c for _, c in hits)
+            S = max(len(prompts[r]) - c for r, (_, c) in zip(live, hits, strict=True))
+            Bl = len(live)
+            inp = torch.full((Bl, S), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((Bl, P + S), dtype=torch.long)
+            pos = torch.zeros((Bl, S), dtype=torch.long)
+            for j, (r, (_, c)) in enumerate(zip(live, hits, strict=True)):
+                suffix = prompts[r][c:]
+                inp[j, S - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+                attn[j, P - c: P] = 1
+                attn[j, P + S - len(suffix):] = 1
+                pos[j, S - len(suffix):] = torch.arange(c, c + len(suffix))
+            inp, attn, pos = inp.to(dev), attn.to(dev), pos.to(dev)
+            cache = _grow_cache(n_layers, P + S + max(budgets[r] for r in live))
+            if P > 0:
+                for li, layer in enumerate(cache.layers):
+                    ref_k, ref_v = next(e for e, c in hits if e is not None and c > 0).kv[li]
+                    H, D = ref_k.shape[0], ref_k.shape[-1]
+                    kp = ref_k.new_zeros((Bl, H, P, D))
+                    vp = ref_v.new_zeros((Bl, H, P, D))
+                    for j, (e, c) in enumerate(hits):
+                        if c > 0:
+                            kp[j, :, P - c:, :] = e.kv[li][0][:, :c, :]
+                            vp[j, :, P - c:, :] = e.kv[li][1][:, :c, :]
+                    layer.load(kp, vp)
+                if self._session is not None:  # a fully reused history is not needed again
+                    for e, c in hits:
+                        if e is not None and not e.shared and c == len(e.seq):
+                            store.drop(e)
+            self.stats["prefill_tokens"] += int(sum(len(prompts[r]) - c for r, (_, c) in zip(live, hits,
+                                                                                             strict=True)))
+            self.stats["reused_tokens"] += int(sum(c for _, c in hits))
+            logits = self._forward(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=cache)
+            next_pos = pos[:, -1] + 1
+            rows = list(live)
+            while True:
+                tok, lp = self._sample(logits, temperature, top_p, gen)
+                tok_l, lp_l = tok.tolist(), lp.tolist()
+                keep = []
+                for j, r in enumerate(rows):
+                    t = tok_l[j]
+                    ids_out[r].append(t)
+                    lps_out[r].append(lp_l[j])
+                    finish, which = None, None
+                    if t in self.eos_ids:
+                        finish = "eos"
+                    else:
+                        which = watcher.match(ids_out[r])
+                        if which is not None:
+                            finish = "stop"
+                        elif len(ids_out[r]) >= budgets[r]:
+                            finish = "length"
+                    if finish is None:
+                        keep.append(j)
+                        continue
+                    ids = ids_out[r]
+                    text_ids = ids[:-1] if finish == "eos" else ids
+                    results[r] = Generation(list(ids), decode(self.tokenizer, text_ids), lps_out[r], finish, which)
+                    if finish == "stop" and self._session is not None:
+                        # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
+                        cols = attn[j].nonzero()[:, 0]
+                        kv = [layer.row(j, cols) for layer in cache.layers]
+                        store.add(prompts[r] + ids[:-1], kv)
+                if not keep:
+                    break
+                if len(keep) < len(rows):
+                    sel = torch.tensor(keep, dtype=torch.long, device=dev)
+                    cache.batch_select_indices(sel)
+                    attn, tok, next_pos = attn[sel], tok[sel], next_pos[sel]
+                    rows = [rows[j] for j in keep]
+                    lead = int((attn.cumsum(-1) == 0).sum(-1).min().item())  # padding shared by every row
+                    if lead > 0:
+                        cache.drop_leading(lead)
+                        attn = attn[:, lead:]
+                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+                logits = self._forward(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                                       past_key_values=cache)
+                next_pos = next_pos + 1
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _sample(logits, temperature: float, top_p: float, gen):
+        """Returns (token, logprob of token under the distribution sampled from)."""
+        import torch
+
+        logits = logits.float()
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+            lp = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+            return tok, lp
+        logits = logits / temperature
+        if top_p < 1.0:
+            sorted_logits, sorted_idx = logits.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            cum = probs.cumsum(-1)
+            drop = (cum - probs) >= top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+        logp = torch.log_softmax(logits, -1)
+        tok = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- vLLM backend
+class VLLMBackend:
+    """Offline vLLM (0.3x, V1 engine) over token prompts. GPU machines only.
+
+    Logprobs are requested with `logprobs=0` (the sampled token only) from an engine built with
+    `logprobs_mode="processed_logprobs"`, i.e. after temperature / top-p, the distribution actually
+    sampled from (as TRL does). Automatic prefix caching (on by default) makes the engine's
+    `prompt + completion so far` re-submission each turn cheap.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 seed: int = 0, max_model_len: int | None = None, llm=None, tokenizer=None):
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as err:
+                from searchrl.errors import SearchRLError
+
+                raise SearchRLError(
+                    "agent.backend=vllm needs vLLM, which is not installed here (GPU machines only: "
+                    "pip install 'searchrl[gpu]'). On CPU set agent.backend=hf.") from err
+            llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                      max_model_len=max_model_len, logprobs_mode="processed_logprobs")
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        self.eos_ids = eos_token_ids(self.tokenizer)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+        from vllm import SamplingParams
+
+        n = len(prompts)
+        budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        params = [SamplingParams(max_tokens=max(1, b), temperature=float(temperature),
+                                 top_p=float(top_p) if temperature > 0 else 1.0,
+                                 seed=None if seed is None else int(seed) + i, stop=list(stop) or None,
+                                 stop_token_ids=sorted(self.eos_ids), include_stop_str_in_output=True,
+                                 logprobs=0, skip_special_tokens=False, detokenize=True)
+                  for i, b in enumerate(budgets)]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        res = []
+        for p_out, b in zip(outs, budgets, strict=True):
+            o = p_out.outputs[0]
+            ids = list(o.token_ids)
+            lps = [float(d[t].logprob) if d is not None and t in d else 0.0
+                   for t, d in zip(ids, o.logprobs or [None] * len(ids), strict=False)]
+            if b <= 0:
+                ids, lps = [], []
+            if o.finish_reason == "length" or b <= 0:
+                finish, which = "length", None
+            elif isinstance(o.stop_reason, str):
+                finish, which = "stop", o.stop_reason
+            else:  # EOS or a stop token id
+                finish, which = "eos", None
+            ends_eos = bool(ids) and ids[-1] in self.eos_ids
+            text_ids = ids[:-1] if finish == "eos" and ends_eos else ids
+            res.append(Generation(ids, decode(self.tokenizer, text_ids), lps, finish, which))
+        return res
+
+
+# ----------------------------------------------------------------------------- factory + helpers
+def make_backend(policy_cfg, agent_cfg, model=None, tokenizer=None) -> Backend:
+    """Build the backend named by `agent_cfg.backend`.
+
+    `model` lets RL pass its live policy (a transformers model; its tokenizer via `tokenizer`, else
+    loaded from `policy_cfg.model`), or an already built `vllm.LLM`.
+    """
+    from searchrl.models import causal_lm_path, load_tokenizer
+
+    if agent_cfg.backend == "hf":
+        if model is None:
+            return HFBackend.load(policy_cfg.model, dtype=policy_cfg.dtype, device=policy_cfg.device,
+                                  batch_size=agent_cfg.batch_size)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(policy_cfg.model)
+        return HFBackend(model, tok, batch_size=agent_cfg.batch_size)
+    if agent_cfg.backend == "vllm":
+        if model is not None:
+            return VLLMBackend("", llm=model, tokenizer=tokenizer)
+        return VLLMBackend(causal_lm_path(policy_cfg.model), dtype=policy_cfg.dtype,
+                           gpu_memory_utilization=agent_cfg.vllm_gpu_memory_utilization,
+                           max_model_len=getattr(agent_cfg, "vllm_max_model_len", None) or None)
+    raise ValueError(f"agent.backend: unknown backend '{agent_cfg.backend}' (hf | vllm)")
+
+
+CLOSED_BOOK_SYSTEM = ("Answer the question from your own knowledge. Reply with the answer only: a few words, "
+                      "no explanation, no full sentence.")
+
+
+def clean_short_answer(text: str) -> str:
+    """First non-empty line, without an 'Answer:' lead-in or wrapping quotes / trailing full stop."""
+    line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
+    for lead in ("final answer:", "answer:", "a:"):
+        if line.lower().startswith(lead):
+            line = line[len(lead):].strip()
+    line = line.strip().strip('"').strip("'").strip()
+    if line.endswith(".") and not line.endswith(".."):
+        line = line[:-1].rstrip()
+    return line
+
+
+def answer_closed_book(backend: Backend, questions: list[str], max_new_tokens: int = 32,
+                       batch_size: int = 32) -> list[str]:
+    """Greedy short answers without retrieval (the prepare-stage knowledge probe and the 'direct' baseline)."""
+    tok = backend.tokenizer
+    answers: list[str] = []
+    for s in range(0, len(questions), batch_size):
+        prompts = [chat_prompt_ids(tok, CLOSED_BOOK_SYSTEM, q) for q in questions[s: s + batch_size]]
+        gens = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=["\n\n"], temperature=0.0)
+        answers.extend(clean_short_answer(g.text) for g in gens)
+    return answers

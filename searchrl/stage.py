@@ -1,0 +1,53 @@
+"""The one wrapper every DVC stage entry point (`python -m tasks.<stage>`) goes through.
+
+It loads and validates params.yaml from the working directory, seeds everything, configures logging,
+opens the stage's MLflow run (lineage tags: git commit, params hash, DVC hashes of the inputs) and
+turns user errors (`SearchRLError`: bad config, bad input file, failed data validation) into one
+readable message and exit code 2 instead of a traceback. Bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+
+from searchrl.config import Params, load_params
+from searchrl.errors import SearchRLError
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SEARCHRL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "faiss", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(stage: str, fn: Callable[[Params], None], inputs: list[str] = (),
+              params_path: str = "params.yaml") -> None:
+    setup_logging()
+    try:
+        params = load_params(params_path)
+        seed_everything(params.seed)
+        from searchrl import tracking
+
+        with tracking.stage_run(stage, params, inputs=list(inputs)):
+            fn(params)
+    except SearchRLError as err:
+        print(f"\n{stage}: error: {err}\n", file=sys.stderr)
+        sys.exit(2)

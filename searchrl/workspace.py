@@ -1,0 +1,125 @@
+"""Workspaces: run the DVC pipeline on a preset / overrides without touching the user's params.yaml.
+
+With no preset and no overrides the workspace is the project root (its params.yaml, dvc.yaml and
+dvc.lock). Otherwise `make_workspace` materialises `runs/<preset stem | custom>/` holding
+
+- `params.yaml`: deep-merge(root params.yaml, preset, overrides), validated like any params.yaml;
+- `dvc.yaml`: the root stage graph, with the dependencies that live in the project (code under
+  `searchrl/`, `tasks/`) rewritten to point back at it, so a code change reruns the right stage here
+  too; pipeline artifacts (data/, models/, reports/) stay relative, i.e. inside the workspace;
+- `.dvc/`: its own DVC repository (`dvc init --no-scm`), hence its own dvc.lock, cache and run-cache.
+
+Why a nested no-SCM repository: `runs/` is git-ignored, and DVC refuses a git-ignored dvc.yaml
+inside a git repository ("bad DVC file name 'dvc.yaml' is git-ignored"); a directory with its own
+`.dvc/` and no SCM is a separate DVC project, which DVC accepts and which the root project skips
+as a sub-repository. Stage commands run with cwd = the workspace; `python -m tasks.<stage>` imports
+through the editable install, and inputs outside the pipeline (`../shared/data/...`) resolve
+against the project root (`searchrl.config.resolve_input`).
+
+`SEARCHRL_RUNS_DIR` moves the workspaces elsewhere (tests use a temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from searchrl.config import load_raw, project_root, validate
+from searchrl.errors import ConfigError
+
+ARTIFACT_KEYS = ("outs", "metrics", "plots")
+
+
+def runs_dir(root: Path) -> Path:
+    return Path(os.environ.get("SEARCHRL_RUNS_DIR") or root / "runs").resolve()
+
+
+def resolve_preset(preset: str | os.PathLike, root: Path) -> Path:
+    """A preset is a YAML path (relative to cwd or to the project root) or a name under configs/."""
+    p = Path(preset).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, root / p]
+    if p.suffix not in (".yaml", ".yml"):
+        candidates.append(root / "configs" / f"{p.name}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    known = ", ".join(sorted(x.stem for x in (root / "configs").glob("*.yaml")))
+    raise ConfigError(f"preset '{preset}': file not found (presets in configs/: {known or 'none'})")
+
+
+def _path_of(entry) -> str:
+    """A dvc.yaml list entry is a path, or a one-key mapping {path: {options}}."""
+    return entry if isinstance(entry, str) else next(iter(entry))
+
+
+def _pipeline_paths(dvc_yaml: dict) -> set[PurePosixPath]:
+    paths = {PurePosixPath(_path_of(e)) for stage in dvc_yaml.get("stages", {}).values()
+             for key in ARTIFACT_KEYS for e in stage.get(key, []) or []}
+    for key in ("metrics", "plots"):  # top-level sections
+        paths |= {PurePosixPath(_path_of(e)) for e in dvc_yaml.get(key, []) or []}
+    return paths
+
+
+def _is_pipeline_path(path: str, produced: set[PurePosixPath]) -> bool:
+    p = PurePosixPath(path)
+    return any(p == q or p in q.parents or q in p.parents for q in produced)
+
+
+def workspace_dvc_yaml(dvc_yaml: dict, root: Path, ws: Path) -> dict:
+    """The root stage graph as seen from `ws`: project deps (code, inputs) point back at the root."""
+    out = yaml.safe_load(yaml.safe_dump(dvc_yaml))  # deep copy
+    produced = _pipeline_paths(dvc_yaml)
+    back = Path(os.path.relpath(root, ws)).as_posix()
+    for stage in out.get("stages", {}).values():
+        stage["deps"] = [d if _is_pipeline_path(d, produced) else f"{back}/{d}" for d in stage.get("deps", [])]
+    return out
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def init_dvc_repo(ws: Path) -> None:
+    """`dvc init --no-scm` in `ws` (idempotent), analytics and update checks off."""
+    if (ws / ".dvc" / "config").exists():
+        return
+    from dvc.repo import Repo
+
+    repo = Repo.init(str(ws), no_scm=True, force=True)
+    with repo.config.edit() as conf:
+        conf["core"]["analytics"] = False
+        conf["core"]["check_update"] = False
+    repo.close()
+
+
+def make_workspace(preset: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                   root: Path | None = None) -> Path:
+    """The directory to run `dvc repro` in for this preset + overrides (created or refreshed)."""
+    root = Path(root or project_root()).resolve()
+    overrides = list(overrides or [])
+    if not preset and not overrides:
+        return root
+    preset_path = resolve_preset(preset, root) if preset else None
+    raw = load_raw(root / "params.yaml", preset_path, overrides)
+    source = " + ".join(["params.yaml", *([preset_path.name] if preset_path else []),
+                         *([f"--set {' '.join(overrides)}"] if overrides else [])])
+    validate(raw, source)
+
+    ws = runs_dir(root) / (preset_path.stem if preset_path else "custom")
+    ws.mkdir(parents=True, exist_ok=True)
+    header = (f"# Generated by searchrl.workspace from {source}; edit the preset, not this file.\n")
+    _write_if_changed(ws / "params.yaml", header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+
+    dvc_src = root / "dvc.yaml"
+    if not dvc_src.exists():
+        raise ConfigError(f"{dvc_src}: file not found (the stage graph the workspace copies)")
+    graph = workspace_dvc_yaml(yaml.safe_load(dvc_src.read_text(encoding="utf-8")), root, ws)
+    _write_if_changed(ws / "dvc.yaml", f"# Generated by searchrl.workspace from {dvc_src}; edit that file.\n"
+                      + yaml.safe_dump(graph, sort_keys=False, allow_unicode=True))
+    init_dvc_repo(ws)
+    return ws

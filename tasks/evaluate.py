@@ -1,0 +1,95 @@
+"""DVC stage `evaluate`: every method in params.evaluate.methods on the eval split(s).
+
+Reads data/prepared/eval.parquet (and seen.parquet for the Knowledge World's seen-facts split, which
+is answered closed-book to measure memorization), data/index; writes reports/eval/metrics.json (DVC
+metrics), reports/eval/predictions/<method>.jsonl, reports/eval/table.md; one MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from searchrl import evaluation, tracking
+from searchrl.config import Params
+from searchrl.data.schema import read_qa
+from searchrl.io import atomic_path, write_json
+from searchrl.stage import run_stage
+from searchrl.validation import validate_frame
+
+log = logging.getLogger("searchrl.evaluate")
+
+AGENT_METHODS = {"agent_r1searcher_pp": "r1searcher_pp", "agent_r1searcher": "r1searcher"}
+
+
+def trained_model_dir(params: Params, method: str) -> str:
+    return {"sft": params.sft.out_dir, "rl": params.rl.out_dir}[method]
+
+
+def evaluate(params: Params) -> None:
+    from searchrl.agent.backends import make_backend
+    from searchrl.retrieval.cache import CachedRetriever
+    from searchrl.retrieval.index import load_index
+
+    cfg = params.evaluate
+    prepared = Path(params.prepare.out_dir)
+    records = read_qa(prepared / "eval.parquet")
+    if cfg.max_questions:
+        records = records[: cfg.max_questions]
+    seen = read_qa(prepared / "seen.parquet") if (prepared / "seen.parquet").exists() else []
+    retriever = CachedRetriever(load_index(params.index.out_dir), params.agent.cache_path)
+
+    base = make_backend(params.policy, params.agent)
+    preds: list[evaluation.Prediction] = []
+    for method in cfg.methods:
+        if method in ("sft", "rl"):
+            policy = params.policy.model_copy(update={"model": trained_model_dir(params, method)})
+            backend, protocol = make_backend(policy, params.agent), "r1searcher_pp"
+        else:
+            backend, protocol = base, AGENT_METHODS.get(method)
+        log.info("evaluate: %s on %d questions", method, len(records))
+        if method == "direct":
+            out, secs = evaluation.timed(evaluation.predict_direct, backend, records, cfg.max_new_tokens,
+                                         cfg.batch_size)
+        elif method == "rag":
+            out, secs = evaluation.timed(evaluation.predict_rag, backend, retriever, records, cfg.top_k,
+                                         cfg.max_new_tokens)
+        else:
+            agent_cfg = params.agent.model_copy(update={"top_k": cfg.top_k})
+            out, secs = evaluation.timed(evaluation.predict_agent, backend, retriever, records, protocol,
+                                         agent_cfg, method, params.seed)
+        log.info("evaluate: %s done in %.1fs (%.2f questions/s)", method, secs, len(records) / max(secs, 1e-9))
+        preds.extend(out)
+        if seen and method in ("direct", "sft", "rl"):  # closed-book on facts seen in training
+            closed = evaluation.predict_direct(backend, seen, cfg.max_new_tokens, cfg.batch_size)
+            for p in closed:
+                p.dataset, p.method = f"{p.dataset}_seen", f"{method}_closed_book"
+            preds.extend(closed)
+
+    frame = pd.DataFrame([p.row() for p in preds])
+    validate_frame(frame, "predictions", "eval_predictions")
+    metrics = evaluation.summarize(preds)
+    publish(Path(cfg.out_dir), frame, metrics)
+    tracking.log_metrics(tracking.flatten(metrics))
+    tracking.log_artifact(cfg.out_dir)
+    print(evaluation.markdown_table(metrics))
+
+
+def publish(out_dir: Path, frame: pd.DataFrame, metrics: dict) -> None:
+    with atomic_path(out_dir / "predictions") as tmp:
+        tmp.mkdir(parents=True)
+        for method, rows in frame.groupby("method", sort=False):
+            rows.to_json(tmp / f"{method}.jsonl", orient="records", lines=True, force_ascii=False)
+    write_json(out_dir / "metrics.json", metrics)
+    with atomic_path(out_dir / "table.md") as tmp:
+        tmp.write_text(evaluation.markdown_table(metrics) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    run_stage("evaluate", evaluate, inputs=["data/prepared", "data/index"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""MLflow conventions against a real SQLite store in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from searchrl.config import Params
+from searchrl.io import stable_hash
+from searchrl.tracking import (
+    PARENT_ENV,
+    dvc_md5,
+    flatten,
+    log_artifact,
+    log_metrics,
+    log_model_dir,
+    pipeline_run,
+    stage_run,
+    tracking_uri,
+)
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A git-committed project root; the stage runs from runs/smoke/ like a DVC preset run."""
+    root = tmp_path / "proj"
+    (root / "runs" / "smoke").mkdir(parents=True)
+    (root / "params.yaml").write_text("seed: 0\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "params.yaml"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=root, check=True)
+    monkeypatch.setenv("SEARCHRL_ROOT", str(root))
+    # mlflow exports MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID itself: let monkeypatch restore them
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", PARENT_ENV, "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK",
+                "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.chdir(root / "runs" / "smoke")
+    yield root
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)   # do not leave later tests pointing at this tmp store
+    mlflow.tracking.fluent._active_experiment_id = None
+
+
+def make_params() -> Params:
+    p = Params()
+    p.tracking.experiment = "test-exp"
+    p.sft.lr = 3e-5
+    p.sample.teacher_model = f"https://api.example/v1?key={SECRET}"  # must never reach the store
+    return p
+
+
+def client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_relative_sqlite_uri_resolves_against_project_root(project, monkeypatch):
+    assert tracking_uri(make_params()) == f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking_uri(make_params()) == "sqlite:///elsewhere.db"   # the environment wins, verbatim
+
+
+def test_stage_run_logs_params_tags_metrics(project):
+    Path("data/prepared").mkdir(parents=True)
+    Path("data/prepared/qa.parquet").write_bytes(b"qa-bytes")
+    Path("data/sft").mkdir(parents=True)
+    Path("data/sft/train.jsonl").write_text('{"text": "x"}\n')
+    Path("dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    cmd: python -m searchrl.stages.prepare\n    outs:\n"
+        "    - path: data/prepared/qa.parquet\n      hash: md5\n      md5: 0123456789abcdef0123456789abcdef\n"
+        "      size: 8\n")
+    params = make_params()
+    inputs = ["data/prepared/qa.parquet", "data/sft/train.jsonl", "../../params.yaml", "data/none"]
+    with stage_run("sft", params, inputs=inputs) as run:
+        log_metrics({"train": {"loss": 0.5}, "eval/f1": 41, "ok": True, "note": "text", "none": None}, step=3)
+        log_metrics({"recall@5": 0.9})
+        Path("report.json").write_text("{}")
+        log_artifact("report.json")
+    assert (project / "mlflow.db").exists() and not Path("mlflow.db").exists()
+
+    r = client(project).get_run(run.info.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.info.run_name == "sft"
+    # params: the stage section and the shared sections, flattened; nothing else
+    assert r.data.params["sft.lr"] == "3e-05"
+    assert r.data.params["sft.out_dir"] == "models/sft"
+    assert r.data.params["policy.model"] == "smollm2-135m-instruct"
+    assert r.data.params["seed"] == "0"
+    assert r.data.params["agent.top_k"] == "3"
+    assert not any(k.startswith(("rl.", "index.", "sample.")) for k in r.data.params)
+    # tags
+    tags = r.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert tags["stage"] == "sft"
+    assert tags["git_commit"] == head and tags["git_dirty"] == "false"
+    assert tags["params_hash"] == stable_hash(params.sft.model_dump(mode="json"))
+    assert tags["dvc.dep.data/prepared/qa.parquet"] == "0123456789abcdef0123456789abcdef"  # from dvc.lock
+    assert tags["dvc.dep.data/sft/train.jsonl"] == hashlib.md5(b'{"text": "x"}\n').hexdigest()  # computed
+    assert tags["dvc.dep.../__/params.yaml"] == hashlib.md5(b"seed: 0\n").hexdigest()  # '..' kept valid
+    assert tags["dvc.dep.data/none"] == "missing"
+    # metrics: numeric only, nested flattened, bools as 0/1, bad characters replaced
+    assert r.data.metrics == {"train.loss": 0.5, "eval/f1": 41.0, "ok": 1.0, "recall_5": 0.9}
+    assert client(project).get_metric_history(run.info.run_id, "train.loss")[0].step == 3
+    # artifacts land next to the database, not in the working directory
+    assert [a.path for a in client(project).list_artifacts(run.info.run_id)] == ["report.json"]
+    assert (project / "mlruns").is_dir() and not Path("mlruns").exists()
+
+
+def test_params_hash_changes_with_the_stage_section_only(project):
+    a, b, c = make_params(), make_params(), make_params()
+    b.rl.lr = 1.0      # another section
+    c.sft.epochs = 9   # this section
+    hashes = []
+    for p in (a, b, c):
+        with stage_run("sft", p) as run:
+            pass
+        hashes.append(client(project).get_run(run.info.run_id).data.tags["params_hash"])
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_dirty_tree_is_flagged(project):
+    (project / "params.yaml").write_text("seed: 1\n")
+    with stage_run("evaluate", make_params()) as run:
+        pass
+    assert client(project).get_run(run.info.run_id).data.tags["git_dirty"] == "true"
+
+
+def test_secrets_never_reach_the_store(project):
+    with stage_run("sample", make_params()) as run:
+        pass
+    r = client(project).get_run(run.info.run_id)
+    assert r.data.params["sample.teacher_model"] == "https://api.example/v1?key=***"
+    assert r.data.params["sample.teacher_api_key_env"] == "OPENAI_API_KEY"   # the name is fine
+    everything = json.dumps([r.data.params, r.data.tags])
+    assert SECRET not in everything
+
+
+def test_failure_marks_run_failed(project):
+    with pytest.raises(ZeroDivisionError):
+        with stage_run("rl", make_params()) as run:
+            raise ZeroDivisionError("boom")
+    assert client(project).get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_pipeline_run_and_stage_nested_via_environment(project, monkeypatch):
+    params = make_params()
+    with pipeline_run(params, name="pipeline-smoke", workspace=project / "runs" / "smoke",
+                      tags={"preset": "smoke"}) as parent:
+        # what the flow does: the stage is a subprocess (`dvc repro`) that only sees the environment
+        monkeypatch.setenv(PARENT_ENV, parent.run_id)
+        code = ("from searchrl.config import Params; from searchrl.tracking import stage_run\n"
+                "p = Params(); p.tracking.experiment = 'test-exp'\n"
+                "with stage_run('index', p) as run: print(run.info.run_id)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        child_id = out.stdout.strip().splitlines()[-1]
+    c = client(project)
+    p = c.get_run(parent.run_id)
+    assert p.info.status == "FINISHED" and p.info.run_name == "pipeline-smoke"
+    assert p.data.tags["preset"] == "smoke" and p.data.tags["stage"] == "pipeline"
+    assert p.data.tags["workspace"] == str(project / "runs" / "smoke")
+    assert p.data.tags["params_hash"] == stable_hash(params.model_dump(mode="json"))
+    assert p.data.params["rl.reward.group_clip"] == "2.0" and len(p.data.params) > 100  # all sections
+    assert p.data.params["sample.teacher_model"].endswith("key=***")
+    child = c.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert child.data.tags["stage"] == "index"
+    assert child.info.experiment_id == parent.experiment_id
+
+
+def test_nested_under_active_run_in_process(project):
+    params = make_params()
+    with stage_run("pipeline", params) as parent:
+        with stage_run("rl@pp", params) as child:
+            log_metrics({"reward": 1.5})
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    c = client(project).get_run(child.info.run_id)
+    assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert c.data.params["rl.lr"] == "2e-06"      # section = stage up to '@'
+    assert c.data.metrics == {"reward": 1.5}
+
+
+def test_registered_model_gets_alias(project):
+    model_dir = Path("models/sft")
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    params = make_params()
+    with stage_run("sft", params) as run:
+        v1 = log_model_dir(model_dir, params.tracking.registered_model, alias="sft")
+    with stage_run("rl", params):
+        v2 = log_model_dir(model_dir, params.tracking.registered_model, alias="rl")
+    c = client(project)
+    assert c.get_model_version_by_alias("searchrl-policy", "sft").version == v1.version
+    assert c.get_model_version_by_alias("searchrl-policy", "rl").version == v2.version == int(v1.version) + 1
+    assert c.get_model_version("searchrl-policy", v1.version).tags["run_id"] == run.info.run_id
+    local = mlflow.artifacts.download_artifacts("models:/searchrl-policy@sft", dst_path=str(project / "dl"))
+    assert sorted(os.listdir(local)) == ["config.json", "model.safetensors"]
+
+
+def test_log_model_dir_needs_a_run(project):
+    with pytest.raises(RuntimeError, match="active run"):
+        log_model_dir(".", "x")
+
+
+def test_helpers_are_noops_outside_a_run(project):
+    log_metrics({"x": 1.0})
+    log_artifact("nothing-here")
+    assert mlflow.active_run() is None
+
+
+def test_import_is_light():
+    code = "import sys, searchrl.tracking; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2], "f": None}) == {
+        "a.b": 1, "a.c.d": "x", "e": "[1, 2]", "f": None}
+
+
+def test_dvc_md5_matches_dvc_add(tmp_path, monkeypatch):
+    """Files and directories hash exactly as `dvc add` records them."""
+    from dvc.repo import Repo
+
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("beta\r\n")        # CRLF kept: DVC 3 hashes raw bytes
+    (tmp_path / "d" / "sub" / "a.txt").write_text("alpha")
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)))
+    ours = {"d": dvc_md5("d"), "f.bin": dvc_md5("f.bin")}
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    repo.add(["d", "f.bin"])
+    import yaml
+    theirs = {name: yaml.safe_load(Path(f"{name}.dvc").read_text())["outs"][0]["md5"] for name in ours}
+    assert ours == theirs
+    assert ours["d"].endswith(".dir")
+    assert dvc_md5("absent") == "missing"

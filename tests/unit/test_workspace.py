@@ -1,0 +1,152 @@
+"""searchrl.workspace: presets and overrides run in runs/<name>/ without touching params.yaml."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from searchrl.errors import ConfigError
+from searchrl.workspace import make_workspace, resolve_preset, workspace_dvc_yaml
+
+DVC = [sys.executable, "-m", "dvc"]
+
+GRAPH = {
+    "stages": {
+        "make": {
+            "cmd": "python -c \"import pathlib, yaml; p = yaml.safe_load(open('params.yaml'));"
+                   " pathlib.Path('out').mkdir(exist_ok=True);"
+                   " pathlib.Path('out/v.txt').write_text(str(p['evaluate']['top_k']))\"",
+            "deps": ["lib/code.py"],
+            "params": ["evaluate"],
+            "outs": ["out"],
+        },
+        "use": {
+            "cmd": "python -c \"import pathlib; pathlib.Path('used.txt').write_text(open('out/v.txt').read())\"",
+            "deps": ["out", "lib"],
+            "metrics": [{"used.txt": {"cache": False}}],
+        },
+    }
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A git repo shaped like the project: params.yaml, dvc.yaml, configs/, code, runs/ git-ignored."""
+    root = tmp_path / "proj"
+    (root / "configs").mkdir(parents=True)
+    (root / "lib").mkdir()
+    (root / "lib" / "code.py").write_text("x = 1\n")
+    (root / "params.yaml").write_text("seed: 0\nevaluate:\n  top_k: 5\n  max_questions: 0\n")
+    (root / "configs" / "tiny.yaml").write_text("evaluate:\n  max_questions: 4\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(GRAPH, sort_keys=False))
+    (root / ".gitignore").write_text("/runs/\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*DVC, "init", "-q"], cwd=root, check=True, env=env)
+    monkeypatch.delenv("SEARCHRL_RUNS_DIR", raising=False)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    return root
+
+
+def test_no_preset_no_overrides_is_the_root(project):
+    assert make_workspace(None, [], root=project) == project.resolve()
+    assert not (project / "runs").exists()
+
+
+def test_preset_and_overrides_materialise_a_workspace(project):
+    before = (project / "params.yaml").read_text()
+    ws = make_workspace("configs/tiny.yaml", ["evaluate.top_k=7"], root=project)
+    assert ws == (project / "runs" / "tiny").resolve()
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["evaluate"] == {"top_k": 7, "max_questions": 4}
+    assert params["seed"] == 0
+    assert (project / "params.yaml").read_text() == before  # the user's file is untouched
+    assert (ws / ".dvc" / "config").exists()
+    conf = (ws / ".dvc" / "config").read_text()
+    assert "no_scm = True" in conf and "analytics = False" in conf
+
+
+def test_overrides_alone_use_runs_custom(project):
+    ws = make_workspace(None, ["evaluate.top_k=2"], root=project)
+    assert ws.name == "custom"
+    assert yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["top_k"] == 2
+
+
+def test_runs_dir_can_move(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCHRL_RUNS_DIR", str(tmp_path / "elsewhere"))
+    ws = make_workspace("configs/tiny.yaml", [], root=project)
+    assert ws == (tmp_path / "elsewhere" / "tiny").resolve()
+    deps = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["make"]["deps"]
+    assert (ws / deps[0]).resolve() == (project / "lib" / "code.py").resolve()
+
+
+def test_code_deps_point_back_at_the_project_and_artifacts_stay_local(project):
+    ws = make_workspace("configs/tiny.yaml", [], root=project)
+    graph = yaml.safe_load((ws / "dvc.yaml").read_text())
+    assert graph["stages"]["make"]["deps"] == ["../../lib/code.py"]
+    assert graph["stages"]["use"]["deps"] == ["out", "../../lib"]  # `out` is produced by `make`
+    assert graph["stages"]["make"]["outs"] == ["out"]
+    assert graph["stages"]["make"]["cmd"] == GRAPH["stages"]["make"]["cmd"]
+
+
+def test_dependency_inside_an_output_dir_is_a_pipeline_path():
+    graph = {"stages": {"a": {"cmd": "x", "outs": ["data/prepared/train.parquet", "data/prepared/corpus.parquet"]},
+                        "b": {"cmd": "y", "deps": ["data/prepared", "data/prepared/corpus.parquet", "src"]}}}
+    out = workspace_dvc_yaml(graph, Path("/p"), Path("/p/runs/x"))
+    assert out["stages"]["b"]["deps"] == ["data/prepared", "data/prepared/corpus.parquet", "../../src"]
+
+
+def test_bad_override_is_one_clear_error_and_creates_nothing(project):
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluate.topk'.*did you mean 'top_k'"):
+        make_workspace("configs/tiny.yaml", ["evaluate.topk=3"], root=project)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        make_workspace(None, ["evaluate.top_k"], root=project)
+    assert not (project / "runs").exists()
+
+
+def test_unknown_preset_lists_the_known_ones(project):
+    with pytest.raises(ConfigError, match=r"preset 'nope.yaml': file not found .*tiny"):
+        make_workspace("nope.yaml", [], root=project)
+    assert resolve_preset("tiny", project) == (project / "configs" / "tiny.yaml").resolve()
+
+
+def test_rewriting_is_idempotent(project):
+    ws = make_workspace("configs/tiny.yaml", [], root=project)
+    stamps = {p: p.stat().st_mtime_ns for p in (ws / "params.yaml", ws / "dvc.yaml", ws / ".dvc" / "config")}
+    assert make_workspace("configs/tiny.yaml", [], root=project) == ws
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_dvc_rejects_ignored_dvc_yaml_but_accepts_the_nested_workspace(project):
+    """Why the workspace is its own no-SCM DVC repo; and that DVC tracks it like any project."""
+    plain = project / "runs" / "plain"
+    plain.mkdir(parents=True)
+    (plain / "dvc.yaml").write_text((project / "dvc.yaml").read_text())
+    bad = subprocess.run([*DVC, "repro"], cwd=plain, capture_output=True, text=True)
+    assert bad.returncode != 0 and "git-ignored" in bad.stdout + bad.stderr
+
+    ws = make_workspace("configs/tiny.yaml", [], root=project)
+    first = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (ws / "used.txt").read_text() == "5"
+    again = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
+    assert "Stage 'make' didn't change, skipping" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    (project / "lib" / "code.py").write_text("x = 2\n")  # a code change in the project reruns here
+    third = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
+    assert "Running stage 'make'" in third.stdout and "Running stage 'use'" in third.stdout
+
+    ws = make_workspace("configs/tiny.yaml", ["evaluate.top_k=9"], root=project)  # a param change too
+    fourth = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
+    assert "Running stage 'make'" in fourth.stdout
+    assert (ws / "used.txt").read_text() == "9"
+
+    root_status = subprocess.run([*DVC, "status"], cwd=project, capture_output=True, text=True)
+    assert root_status.returncode == 0  # the root project skips the nested one
+    assert "runs/tiny" not in root_status.stdout
