@@ -62,9 +62,16 @@ class StageFailed(RuntimeError):
 
 
 def dvc_stages(workspace: Path) -> list[str]:
-    """Stage names in dvc.yaml order (the file lists them upstream first)."""
-    graph = yaml.safe_load((workspace / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    return list(graph.get("stages", {}))
+    """The pipeline's stages, upstream first (DVC's graph; ties in dvc.yaml order)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    listed = list((yaml.safe_load((workspace / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {}))
+    with Repo(str(workspace)) as repo:
+        graph = repo.index.graph.reverse()  # DVC's edges point from a stage to the stages it needs
+        named = [s for s in graph if getattr(s, "name", None) in listed]
+        order = nx.lexicographical_topological_sort(graph.subgraph(named), key=lambda s: listed.index(s.name))
+        return [s.name for s in order]
 
 
 def stage_env(workspace: Path, parent_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,70 +150,182 @@ class IndexCfg(Section):
 
 
 # ----------------------------------------------------------------------------- sample / sft / rl
+SAMPLERS = ("policy", "teacher", "oracle")
+
+
+class DifficultyCfg(Section):
+    """R1-Searcher's difficulty label per question (METHOD.md B.3), from the rate of correct answers
+    among the model sampler's rollouts: easy if rate >= easy_min_rate, medium if >= medium_min_rate,
+    else difficult. The paper's "< 10 / 10-20 / > 20 rollouts to be correct" is rate > 0.1 / 0.05-0.1 /
+    < 0.05 (configs/paper.yaml); the default suits 8 samples of a small model."""
+
+    easy_min_rate: float = Field(0.5, ge=0, le=1)
+    medium_min_rate: float = Field(0.01, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DifficultyCfg:
+        if self.medium_min_rate > self.easy_min_rate:
+            raise ValueError(f"sample.difficulty: medium_min_rate ({self.medium_min_rate}) must not exceed "
+                             f"easy_min_rate ({self.easy_min_rate})")
+        return self
+
+
 class SampleCfg(Section):
-    sampler: Literal["policy", "teacher", "oracle"] = "policy"
-    teacher_model: str | None = None  # local dir / hub id / vllm:<id> / http(s)://.../v1 (key from env)
-    teacher_api_key_env: str = "OPENAI_API_KEY"
-    n_samples: int = Field(8, ge=1)
+    """Rejection sampling for the SFT cold start (searchrl/training/sampling.py)."""
+
+    # samplers in order; each later one only fills questions left short of keep_per_question
+    sampler: list[Literal["policy", "teacher", "oracle"]] = ["policy", "oracle"]
+    teacher_model: str | None = None  # local dir / hub id / vllm:<id> / http(s)://host/v1 (OpenAI-compatible)
+    teacher_api: Literal["completions", "chat"] = "completions"  # HTTP teachers only
+    teacher_served_model: str = ""  # model name sent to an HTTP endpoint ("" = the server's default)
+    teacher_api_key_env: str = "OPENAI_API_KEY"  # env var holding the key; never logged or written
+    teacher_concurrency: int = Field(8, ge=1)  # parallel HTTP requests
+    teacher_timeout_s: float = Field(120.0, gt=0)
+    n_samples: int = Field(8, ge=1)  # rollouts per question (policy / teacher)
+    oracle_variants: int = Field(2, ge=1)  # differently worded oracle trajectories per question
     temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
     keep_per_question: int = Field(2, ge=1)
-    max_questions: int = Field(0, ge=0)
+    max_questions: int = Field(0, ge=0)  # training questions sampled (a seeded subset); 0 = all
     max_answer_words: int = Field(10, ge=1)
-    difficulty_easy_min_correct: int = Field(6, ge=0)
-    difficulty_medium_min_correct: int = Field(1, ge=0)
+    difficulty: DifficultyCfg = DifficultyCfg()
     out_dir: str = "data/sft"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+            data = {**data, "sampler": [data["sampler"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_samplers(self) -> SampleCfg:
+        if not self.sampler:
+            raise ValueError("sample.sampler: empty; name at least one of policy, teacher, oracle")
+        if len(set(self.sampler)) != len(self.sampler):
+            raise ValueError(f"sample.sampler: {self.sampler} names a sampler twice")
+        if "teacher" in self.sampler and not self.teacher_model:
+            raise ValueError("sample.teacher_model: the teacher sampler needs a model (local dir, hub id, "
+                             "vllm:<id> or http(s)://host/v1)")
+        return self
 
 
 class SftCfg(Section):
+    """Masked SFT cold start (searchrl/training/sft.py); batch_size is the effective batch
+    (micro_batch_size x gradient accumulation)."""
+
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-5, gt=0)
-    max_length: int = Field(1024, ge=16)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(1024, ge=16)  # longer examples are dropped (never truncated)
     use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    gradient_checkpointing: bool = False  # CUDA only (ignored on CPU)
+    logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    checkpoint_dir: str = "models/.sft-checkpoints"  # not a DVC output: survives an interrupted run
     out_dir: str = "models/sft"
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> SftCfg:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"sft.batch_size ({self.batch_size}) must be a multiple of sft.micro_batch_size "
+                             f"({self.micro_batch_size})")
+        return self
+
+
+Difficulty = Literal["easy", "medium", "difficult"]
 
 
 class RewardCfg(Section):
+    """Outcome reward (searchrl/rewards.py): R1-Searcher++ (format + answer + group) or one of
+    R1-Searcher's two stages."""
+
     kind: Literal["r1searcher_pp", "r1searcher_stage1", "r1searcher_stage2"] = "r1searcher_pp"
     format_penalty: float = -2.0
     max_answer_words: int = Field(10, ge=1)
     group_reward: bool = True
-    group_form: Literal["two_sigma_sq", "sigma", "linear_gap"] = "two_sigma_sq"
+    group_form: Literal["two_sigma_sq", "sigma", "range"] = "two_sigma_sq"
     group_std: Literal["population", "sample"] = "population"
     group_clip: float = Field(2.0, ge=0)  # eta
 
 
+class RlPhaseCfg(Section):
+    """One of several consecutive RL phases (R1-Searcher: stage 1 then stage 2); each starts from the
+    previous phase's weights with a fresh optimizer."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    reward: RewardCfg = RewardCfg()
+    max_steps: int = Field(ge=1)
+    difficulty: list[Difficulty] | None = None  # None: rl.difficulty
+
+
 class RlCfg(Section):
-    name: str = "rl"
-    init: str = "models/sft"
+    """RL for dynamic knowledge acquisition (searchrl/training/rl.py)."""
+
+    init: str = "models/sft"  # model dir, embedded alias or hub id
+    protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
     estimator: Literal["reinforce_pp_baseline", "grpo"] = "reinforce_pp_baseline"
     reward: RewardCfg = RewardCfg()
+    phases: list[RlPhaseCfg] = []  # empty: one phase of `max_steps` steps with `reward`
     memorization: bool = True
     memorization_weight: float = Field(0.1, ge=0)  # mu
     rewriter: Literal["policy", "teacher", "oracle"] = "oracle"
+    rewrite_max_tokens: int = Field(160, ge=8)
     num_generations: int = Field(4, ge=2)
     prompts_per_step: int = Field(2, ge=1)
     max_steps: int = Field(10, ge=1)
     lr: float = Field(2e-6, gt=0)
     beta: float = Field(1e-4, ge=0)
     epsilon: float = Field(0.2, gt=0)
-    temperature: float = Field(1.0, ge=0)
+    advantage_clip: float = Field(10.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_total_tokens: int = Field(0, ge=0)  # 0: agent.max_total_tokens
+    difficulty: list[Difficulty] = ["medium", "difficult"]  # [] = every training question
     save_steps: int = Field(5, ge=1)
     collapse_window: int = Field(5, ge=2)
-    difficulty: list[Literal["easy", "medium", "difficult"]] = ["medium", "difficult"]
+    collapse_format_drop: float = Field(0.3, gt=0, le=1)  # absolute drop of the format-valid rate
+    collapse_reward_drop: float = Field(0.3, gt=0)  # drop of the mean reward
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_server_base_url: str | None = None
+    checkpoint_dir: str = "models/.rl-checkpoints"  # not a DVC output: survives an interrupted run
+    metrics_dir: str = "reports/rl"
     out_dir: str = "models/rl"
+
+    @model_validator(mode="after")
+    def _check(self) -> RlCfg:
+        if self.memorization and self.protocol != "r1searcher_pp":
+            raise ValueError("rl.memorization: the memorization loss rewrites into <internal> steps, which only "
+                             "the r1searcher_pp protocol has (set memorization: false)")
+        for ph in (p.reward for p in self.run_phases()):
+            if (ph.kind == "r1searcher_pp") != (self.protocol == "r1searcher_pp"):
+                raise ValueError(f"rl.reward.kind '{ph.kind}' does not fit rl.protocol '{self.protocol}' "
+                                 "(r1searcher_pp rewards need the r1searcher_pp protocol, R1-Searcher rewards the "
+                                 "r1searcher protocol)")
+        return self
+
+    def run_phases(self) -> list[RlPhaseCfg]:
+        """The phases to run, in order (one built from the top-level fields when `phases` is empty)."""
+        return list(self.phases) or [RlPhaseCfg(name="rl", reward=self.reward, max_steps=self.max_steps)]
 
 
 # ----------------------------------------------------------------------------- evaluate
+EVAL_METHODS = ("direct", "rag", "agent_r1searcher_pp", "agent_r1searcher", "sft", "rl")
+
+
 class EvaluateCfg(Section):
-    methods: list[Literal["direct", "rag", "agent_r1searcher_pp", "agent_r1searcher", "sft", "rl"]] = [
-        "direct", "rag"]
+    # EVAL_METHODS, plus `rl_<name>` for each entry of rl_ablations (the model that ablation trains)
+    methods: list[str] = ["direct", "rag"]
     top_k: int = Field(5, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -235,8 +348,46 @@ class Params(Section):
     sample: SampleCfg = SampleCfg()
     sft: SftCfg = SftCfg()
     rl: RlCfg = RlCfg()
+    # named overlays on `rl` (deep-merged), each trained by the rl_ablation DVC stage into <rl.out_dir>_<name>
+    rl_ablations: dict[str, dict[str, Any]] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
     pipeline: PipelineCfg = PipelineCfg()
+
+    def rl_config(self, ablation: str | None = None) -> RlCfg:
+        """The effective RlCfg of the main run (None) or of `rl_ablations[ablation]`, with its own
+        out_dir (<rl.out_dir>_<name>); a bad overlay raises ValueError naming the key."""
+        if ablation is None:
+            return self.rl
+        if ablation not in self.rl_ablations:
+            known = ", ".join(self.rl_ablations) or "none"
+            raise ValueError(f"rl_ablations: no ablation named '{ablation}' (known: {known})")
+        overlay = self.rl_ablations[ablation]
+        fixed = sorted(set(overlay) & {"out_dir", "checkpoint_dir", "metrics_dir"})
+        if fixed:
+            raise ValueError(f"'{fixed[0]}' is derived from the rl section (<rl.{fixed[0]}>_<name>), not set "
+                             f"per ablation")
+        merged = deep_merge(self.rl.model_dump(mode="json"), overlay)
+        merged["out_dir"] = f"{self.rl.out_dir}_{ablation}"
+        try:
+            return RlCfg.model_validate(merged)
+        except ValidationError as err:
+            raise ValueError(_format_error(err, "", root=RlCfg).removeprefix(": ")) from None
+
+    @model_validator(mode="after")
+    def _check_rl(self) -> Params:
+        for name in self.rl_ablations:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"rl_ablations: name '{name}' must be letters, digits and '_' (it names a "
+                                 f"DVC stage and a model directory)")
+            try:
+                self.rl_config(name)
+            except ValueError as err:
+                raise ValueError(f"rl_ablations.{name}: {err}") from None
+        for method in self.evaluate.methods:
+            if method not in EVAL_METHODS and method.removeprefix("rl_") not in self.rl_ablations:
+                raise ValueError(f"evaluate.methods: unknown method '{method}' (known: {', '.join(EVAL_METHODS)}"
+                                 f", or rl_<name> for a name in rl_ablations)")
+        return self
 
     @model_validator(mode="after")
     def _check_input_files(self) -> Params:
@@ -307,8 +458,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _model_for_path(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Params
+def _model_for_path(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root or Params
     for part in loc:
         if model is None or isinstance(part, int):
             continue
@@ -324,12 +475,12 @@ def _model_for_path(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     e = err.errors()[0]
     loc = tuple(e["loc"])
     dotted = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
     if e["type"] == "extra_forbidden":
-        parent = _model_for_path(loc[:-1])
+        parent = _model_for_path(loc[:-1], root)
         hint = ""
         if parent is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)

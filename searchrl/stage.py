@@ -39,14 +39,19 @@ def setup_logging() -> None:
 
 
 def run_stage(stage: str, fn: Callable[[Params], None], inputs: list[str] = (),
-              params_path: str = "params.yaml") -> None:
+              params_path: str = "params.yaml", run_name: Callable[[Params], str] | None = None,
+              tracked: Callable[[Params], Params] | None = None) -> None:
+    """`run_name(params)` names the MLflow run (default: the stage); `tracked(params)` is what the run
+    logs as params (default: params itself, e.g. an ablation logs its effective rl section); `fn`
+    always gets the params as loaded."""
     setup_logging()
     try:
         params = load_params(params_path)
         seed_everything(params.seed)
         from searchrl import tracking
 
-        with tracking.stage_run(stage, params, inputs=list(inputs)):
+        with tracking.stage_run(stage, tracked(params) if tracked else params, inputs=list(inputs),
+                                run_name=run_name(params) if run_name else None):
             fn(params)
     except SearchRLError as err:
         print(f"\n{stage}: error: {err}\n", file=sys.stderr)

@@ -28,3 +28,76 @@ def shared_data() -> Path:
             pytest.fail(f"{reason}; SEARCHRL_REQUIRE_SHARED_DATA=1 requires it")
         pytest.skip(reason)
     return path
+
+
+# ----------------------------------------------------------------------------- tiny models
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (from the embedded GGUF package; skips where it is not installed)."""
+    from searchrl.errors import ModelNotFoundError
+    from searchrl.models import load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2-135m-instruct")
+    except ModelNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A randomly initialised 2-layer llama with the real SmolLM2 tokenizer, saved as a model dir
+    (a path, so TRL can reload it as its reference model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline / flows
+def pipeline_env_vars(tmp: Path) -> dict[str, str]:
+    """Environment that keeps a pipeline run out of the repository and the user's home: preset
+    workspaces under `tmp/runs`, MLflow in `tmp/mlflow.db`, Prefect state in `tmp/prefect`, offline."""
+    return {
+        "SEARCHRL_RUNS_DIR": str(tmp / "runs"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@pytest.fixture
+def pipeline_env(tmp_path, monkeypatch) -> Path:
+    """`pipeline_env_vars(tmp_path)` set in this process (flows run in-process inherit it, and so do
+    the DVC stages they start); returns tmp_path."""
+    for key, value in pipeline_env_vars(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("SEARCHRL_PARENT_RUN_ID", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API (its own SQLite database, a subprocess server) for flows run in-process."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -28,7 +28,8 @@ class ScriptedBackend:
         self.tokenizer = tokenizer
         self.scripts = scripts
         self.query_close = query_close
-        self.eos_id = min(eos_token_ids(tokenizer)) if eos_token_ids(tokenizer) else None
+        eos = tokenizer.eos_token_id
+        self.eos_id = eos if eos is not None else min(eos_token_ids(tokenizer), default=None)
         self.base: dict[str, list[int]] = {}
         self.calls: list[list[list[int]]] = []
 

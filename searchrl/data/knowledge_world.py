@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +129,9 @@ COUNTRIES: tuple[Country, ...] = (
     _c("Australia", (), "Canberra", "English", ("Australian dollar", "dollar", "AUD"), ("Oceania", "Australia")),
     _c("New Zealand", (), "Wellington", "English", ("New Zealand dollar", "dollar", "NZD"), ("Oceania", "Australasia")),
 )
+
+
+ARTICLE_COUNTRIES = {"United Kingdom", "Netherlands", "Czech Republic", "United States"}  # "the United States"
 
 
 # ----------------------------------------------------------------------------- wording
@@ -234,6 +237,10 @@ class Entity:
     name: str
     aliases: list[str]
     pool: str  # train | eval | real (countries)
+    mention: str = ""  # how running text names it ("the United States"); default: the name
+
+    def __post_init__(self):
+        self.mention = self.mention or self.name
 
 
 @dataclass
@@ -284,7 +291,8 @@ def build_world(cfg, seed: int) -> World:
     entities: dict[str, Entity] = {}
     for c in countries:
         cid = country_id(c)
-        entities[cid] = Entity(cid, "country", c.name, list(c.aliases), "real")
+        entities[cid] = Entity(cid, "country", c.name, list(c.aliases), "real",
+                               f"the {c.name}" if c.name in ARTICLE_COUNTRIES else c.name)
 
     def add(kind: str, n: int, make_name: Callable[[], tuple[str, list[str]]]) -> None:
         n_eval = _split_count(n, cfg.eval_entity_fraction)
@@ -372,7 +380,7 @@ def _passages(world: World, rng: random.Random) -> list[Passage]:
     out: list[Passage] = []
     for e in world.entities.values():
         if e.kind == "person":
-            born, job = F(e.id, "born_in").object, F(e.id, "works_for").object
+            born, job = E[F(e.id, "born_in").object_id].mention, F(e.id, "works_for").object
             last = e.name.split()[-1]
             occupation = rng.choice(OCCUPATIONS)
             text = rng.choice((
@@ -382,7 +390,8 @@ def _passages(world: World, rng: random.Random) -> list[Passage]:
                 f"where {last} leads a small team.",
             ))
         elif e.kind == "company":
-            year, hq, founder = (F(e.id, r).object for r in ("founded_in", "headquartered_in", "founded_by"))
+            year, founder = F(e.id, "founded_in").object, F(e.id, "founded_by").object
+            hq = E[F(e.id, "headquartered_in").object_id].mention
             text = rng.choice((
                 f"{e.name} is a company founded in {year} by {founder}. It is headquartered in {hq}.",
                 f"Founded by {founder} in {year}, {e.name} has its headquarters in {hq}.",
@@ -398,8 +407,8 @@ def _passages(world: World, rng: random.Random) -> list[Passage]:
             ))
         else:
             cap, lang, cur, cont = (F(e.id, r).object for r in REAL_RELATIONS)
-            text = (f"{e.name} is a country in {cont}. Its capital city is {cap}. The official language of "
-                    f"{e.name} is {lang}, and its currency is the {cur}.")
+            text = (f"{_cap(e.mention)} is a country in {cont}. Its capital city is {cap.rstrip('.')}. The official language "
+                    f"of {e.mention} is {lang}, and its currency is the {cur}.")
         out.append(Passage(passage_id(e), e.name, text, DATASET))
 
     # Distractors: same titles as gold passages, true but unasked facts (hard negatives).
@@ -409,16 +418,16 @@ def _passages(world: World, rng: random.Random) -> list[Passage]:
     for i, e in enumerate(rng.sample(fictional, n_distractors)):
         if e.kind == "person":
             home = F(e.id, "born_in").object
-            other = rng.choice([c for c in countries if c.name != home] or countries).name
+            other = rng.choice([c for c in countries if c.name != home] or countries).mention
             text = rng.choice((f"In a recent interview, {e.name} described a long research stay in {other}.",
                                f"{e.name} gave the keynote lecture at a conference held in {other}."))
         elif e.kind == "company":
             hq, year = F(e.id, "headquartered_in").object, int(F(e.id, "founded_in").object)
-            other = rng.choice([c for c in countries if c.name != hq] or countries).name
+            other = rng.choice([c for c in countries if c.name != hq] or countries).mention
             text = f"{e.name} opened a regional sales office in {other} in {_later(rng, year)}."
         else:
             year = int(F(e.id, "published_in").object)
-            other = rng.choice(countries).name
+            other = rng.choice(countries).mention
             text = (f"A stage adaptation of {e.name} premiered in {other} in {_later(rng, year)}, "
                     f"years after the book first appeared.")
         out.append(Passage(f"kw-distractor-{i:04d}", e.name, text, DATASET))
@@ -456,7 +465,7 @@ class _Builder:
 
     def _chain_question(self, chain: list[Fact], qtype: str) -> Question:
         """Ask the last fact of `chain` about the subject described through the earlier facts."""
-        subject = self.w.entities[chain[0].subject].name
+        subject = self.w.entities[chain[0].subject].mention
         for i, f in enumerate(chain[:-1]):
             subject = self._phrase(f.relation, subject, nested=i > 0)
         last = chain[-1]
@@ -470,7 +479,7 @@ class _Builder:
             return None
         c = self.rng.choice(self.countries)
         f = self.w.fact(c.id, self.rng.choice(REAL_RELATIONS))
-        text, t = self._template(f.relation, c.name)
+        text, t = self._template(f.relation, c.mention)
         return Question("real_1hop", text, list(f.answers), [f], ("1hop", f.id), (f.id, t))
 
     def fictional_1hop(self) -> Question | None:
@@ -622,7 +631,7 @@ def probe_items(world: World) -> list[ProbeItem]:
     """One closed-book question per real fact of the world."""
     out = []
     for f in world.real_facts():
-        subject = world.entities[f.subject].name
+        subject = world.entities[f.subject].mention
         out.append(ProbeItem(f.id, QUESTION_TEMPLATES[f.relation][PROBE_TEMPLATE_INDEX].format(s=subject), f.answers))
     return out
 
@@ -652,16 +661,20 @@ def probe(items: Sequence[ProbeItem], answer_fn: AnswerFn, cache_path: str | Pat
         except Exception as err:  # a cache is disposable: recompute rather than fail the stage
             log.warning("probe cache %s unreadable (%s); recomputing", path, err)
             cache = {}
-    entry = cache.get("entries", {}).get(key)
+    entries = cache.get("entries") if isinstance(cache.get("entries"), dict) else {}
+    entry = entries.get(key)
     if entry and set(entry.get("answers", {})) >= {it.fact_id for it in items}:
         answers, cached = {it.fact_id: entry["answers"][it.fact_id] for it in items}, True
     else:
+        start = time.perf_counter()
         preds = answer_fn([it.question for it in items]) if items else []
+        secs = time.perf_counter() - start
+        log.info("probe: asked %d questions closed-book in %.1fs (%.1f questions/s)", len(items), secs,
+                 len(items) / max(secs, 1e-9))
         if len(preds) != len(items):
             raise ValueError(f"probe: answer_fn returned {len(preds)} answers for {len(items)} questions")
         answers, cached = {it.fact_id: str(p) for it, p in zip(items, preds, strict=True)}, False
         if path is not None:
-            entries = cache.get("entries", {}) if isinstance(cache.get("entries"), dict) else {}
             entries[key] = {"model": model_name, "facts_hash": facts_hash, "prompt_hash": prompt_hash,
                             "questions": {it.fact_id: it.question for it in items}, "answers": answers}
             write_json(path, {"version": 1, "entries": entries})
@@ -713,7 +726,7 @@ def _seen_questions(train: list[Question], train_ids: list[str], world: World, k
         if len(out) >= n:
             break
         f = world.facts[fid]
-        subject = world.entities[f.subject].name
+        subject = world.entities[f.subject].mention
         free = [i for i in range(len(QUESTION_TEMPLATES[f.relation])) if i not in used_templates.get(fid, set())]
         rng.shuffle(free)
         for i in free:
@@ -770,7 +783,3 @@ def generate(cfg, seed: int, answer_fn: AnswerFn | None = None, model_name: str 
     log.info("knowledge_world: %d entities, %d facts, %d passages; questions train %d, eval %d, seen %d",
              len(world.entities), len(world.facts), len(world.passages), len(train), len(evals), len(seen))
     return KnowledgeWorldData(world, train, evals, seen, result)
-
-
-def qtype_counts(records: Sequence[QARecord]) -> dict[str, int]:
-    return dict(Counter(r.metadata.get("qtype", "") for r in records))

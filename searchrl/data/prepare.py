@@ -11,6 +11,7 @@ of outputs. `stats.json` is the stage's DVC metrics file: numbers only.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import pandas as pd
 
 from searchrl.config import Params, resolve_input
 from searchrl.data import formats
-from searchrl.data.chunking import chunk_passages
+from searchrl.data.chunking import chunk_passage
 from searchrl.data.knowledge_world import AnswerFn
 from searchrl.data.schema import Passage, QARecord, passage_frame, qa_frame
 from searchrl.errors import InputError
@@ -64,9 +65,7 @@ def load_source(params: Params, answer_fn: AnswerFn | None = None, prompt_key: s
         return load_knowledge_world(params, answer_fn, prompt_key)
     if cfg.source == "jsonl":
         return load_jsonl_source(cfg.jsonl)
-    if cfg.source == "hf":
-        return load_hf_source(cfg.hf)
-    raise ValueError(f"prepare.source: unknown source {cfg.source!r}")
+    return load_hf_source(cfg.hf)
 
 
 def load_knowledge_world(params: Params, answer_fn: AnswerFn | None = None, prompt_key: str = "") -> PreparedData:
@@ -122,10 +121,10 @@ def _assemble(qa_files: Sequence[formats.QAFile], passage_files: Sequence[format
     return PreparedData(splits["train"], splits["eval"], corpus, {}, origins, stats)
 
 
-def _chunk_with_origins(corpus, origins, n, title_in_text):
+def _chunk_with_origins(corpus: list[Passage], origins: list[str], n: int, title_in_text: bool):
     out, out_origins = [], []
     for p, o in zip(corpus, origins, strict=True):
-        chunks = chunk_passages([p], n, title_in_text)
+        chunks = chunk_passage(p, n, title_in_text)
         out.extend(chunks)
         out_origins.extend([o] * len(chunks))
     return out, out_origins
@@ -148,6 +147,7 @@ def load_jsonl_source(cfg) -> PreparedData:
 def _read_corpus_spec(spec) -> formats.PassageFile:
     """A corpus entry: a passage file, or a QA file whose context paragraphs become passages."""
     path = resolve_input(spec.path)
+    start = time.perf_counter()
     fmt = formats.detect_format(path) if spec.format == "auto" else spec.format
     if fmt == "passages":
         pf = formats.read_passage_file(path, spec.dataset, spec.limit)
@@ -158,7 +158,9 @@ def _read_corpus_spec(spec) -> formats.PassageFile:
             raise InputError(path, f"listed as corpus, but this {fmt} file has no context paragraphs",
                              fix="list a passage file instead")
         pf = formats.PassageFile(str(path), contexts, qf.context_lines[: len(contexts)])
-    log.info("corpus: %s: %d passages", spec.path, len(pf.passages))
+    secs = time.perf_counter() - start
+    log.info("corpus: %s: %d passages in %.1fs (%.0f passages/s)", spec.path, len(pf.passages), secs,
+             len(pf.passages) / max(secs, 1e-9))
     return pf
 
 

@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,11 @@ def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
 
 
 def encode_shards(texts: list[str], order: np.ndarray, encoder: Encoder, shard_dir: Path, shard_size: int,
-                  batch_size: int, progress: bool = True) -> tuple[list[Path], dict]:
-    """Encode texts[order] shard by shard into shard_dir, skipping shards already there."""
+                  batch_size: int, progress: bool = True,
+                  on_shard: Callable[[int, np.ndarray], None] | None = None) -> tuple[list[Path], dict]:
+    """Encode texts[order] shard by shard into shard_dir, skipping shards already there.
+
+    on_shard(shard, rows) is called after each shard it encodes, with the shard's corpus rows."""
     from tqdm.auto import tqdm
 
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +194,8 @@ def encode_shards(texts: list[str], order: np.ndarray, encoder: Encoder, shard_d
             encoded += len(rows)
             log.info("encode: shard %d/%d, %d passages in %.1fs (%.1f passages/s)", s + 1, n_shards, len(rows),
                      dt, len(rows) / max(dt, 1e-9))
+            if on_shard is not None:
+                on_shard(s, rows)
     if reused:
         log.info("encode: resumed, %d of %d shards already encoded in %s", reused, n_shards, shard_dir)
     return paths, {"shards": n_shards, "shards_reused": reused, "encoded": encoded, "encode_seconds": seconds}
@@ -225,7 +230,7 @@ def work_dir_for(cfg, out_dir: Path) -> Path:
 
 
 def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Encoder | None, seed: int,
-                 progress: bool) -> tuple[Any, dict, dict]:
+                 progress: bool, on_shard=None) -> tuple[Any, dict, dict]:
     import faiss
 
     texts = contents(df)
@@ -240,7 +245,8 @@ def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Enco
                                         "order": SHARD_ORDER, "n_passages": len(df)})
     # Longest first, ties by corpus row: deterministic, and the same batches as one big encode call.
     order = np.lexsort((np.arange(len(texts)), -np.fromiter(map(len, texts), np.int64, len(texts))))
-    paths, stats = encode_shards(texts, order, encoder, shard_dir, cfg.shard_size, cfg.batch_size, progress)
+    paths, stats = encode_shards(texts, order, encoder, shard_dir, cfg.shard_size, cfg.batch_size, progress,
+                                 on_shard)
     reader = ShardReader(paths, order, cfg.shard_size, encoder.dim)
 
     extra: dict = {}
@@ -292,15 +298,14 @@ def _build_bm25(df: pd.DataFrame, progress: bool) -> tuple[Any, dict, dict]:
 
 
 def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, out_dir: str | os.PathLike, *,
-                encoder: Encoder | None = None, seed: int = 0, progress: bool = True) -> dict:
+                encoder: Encoder | None = None, seed: int = 0, progress: bool = True,
+                on_shard: Callable[[int, np.ndarray], None] | None = None) -> dict:
     """Build the index described by `cfg` (an IndexCfg) over `corpus` into `out_dir`; returns its stats.
 
     `corpus` is a corpus.parquet path, a frame of PASSAGE_COLUMNS or a list of Passage. `encoder`
-    re-uses an already loaded Encoder (its settings must be the ones cfg describes).
+    re-uses an already loaded Encoder (its settings must be the ones cfg describes). `on_shard(shard,
+    corpus_rows)` runs after each newly encoded shard (progress reporting, benchmarks).
     """
-    import faiss
-    import sentence_transformers
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     df = read_passages(corpus)
@@ -310,7 +315,7 @@ def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, o
     if cfg.kind == "bm25":
         write, manifest, stats = _build_bm25(df, progress)
     else:
-        write, manifest, stats = _build_dense(df, chash, cfg, out_dir, encoder, seed, progress)
+        write, manifest, stats = _build_dense(df, chash, cfg, out_dir, encoder, seed, progress, on_shard)
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -323,9 +328,7 @@ def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, o
                     "n_passages": len(df), "files": files, "build_seconds": round(seconds, 3),
                     "passages_per_s": round(len(df) / max(seconds, 1e-9), 2),
                     "encode_seconds": round(stats["encode_seconds"], 3), "encoded": stats["encoded"],
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "versions": {"faiss": faiss.__version__,
-                                 "sentence_transformers": sentence_transformers.__version__}}
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"), "versions": _versions(cfg.kind)}
         manifest["manifest_hash"] = manifest_hash(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -340,6 +343,18 @@ def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, o
             "encoded_per_s": round(stats["encoded"] / max(stats["encode_seconds"], 1e-9), 2),
             "shards": stats["shards"], "shards_reused": stats["shards_reused"],
             "index_bytes": sum(f["bytes"] for f in files.values()), "manifest_hash": manifest["manifest_hash"]}
+
+
+def _versions(kind: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in (("faiss-cpu", "sentence-transformers", "torch") if kind == "dense" else ("bm25s",)):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _tidy_work_dir(shard_dir: Path, keep: bool) -> None:

@@ -31,7 +31,8 @@ NO_PROBE = {"prepare": {"knowledge_world": {"probe": {"enabled": False}}}}
 
 
 def capital_oracle(calls: list):
-    capitals = {f"What is the capital of {c.name}?": c.capital[0] for c in kw.COUNTRIES}
+    capitals = {f"What is the capital of {'the ' * (c.name in kw.ARTICLE_COUNTRIES)}{c.name}?": c.capital[0]
+                for c in kw.COUNTRIES}
 
     def answer_fn(questions):
         calls.append(len(questions))

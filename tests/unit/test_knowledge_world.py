@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -17,6 +18,10 @@ def cfg(**kwargs) -> KnowledgeWorldCfg:
     return KnowledgeWorldCfg(probe=probe, **kwargs)
 
 
+def qtype_counts(records) -> Counter:
+    return Counter(r.metadata["qtype"] for r in records)
+
+
 def fictional(record) -> set[str]:
     return {e for e in record.metadata["entities"] if e not in COUNTRY_NAMES}
 
@@ -25,18 +30,18 @@ def all_records(data):
     return data.train + data.eval + data.seen
 
 
+def mention(c: kw.Country) -> str:
+    return f"the {c.name}" if c.name in kw.ARTICLE_COUNTRIES else c.name
+
+
 def capital_only_oracle(calls: list | None = None):
     """A fake policy that knows every capital and nothing else."""
-    capitals = {c.name: c.capital[0] for c in kw.COUNTRIES}
+    capitals = {f"What is the capital of {mention(c)}?": c.capital[0] for c in kw.COUNTRIES}
 
     def answer_fn(questions: list[str]) -> list[str]:
         if calls is not None:
             calls.append(list(questions))
-        out = []
-        for q in questions:
-            hit = [cap for name, cap in capitals.items() if q == f"What is the capital of {name}?"]
-            out.append(f"It is {hit[0]}." if hit else "I do not know")
-        return out
+        return [f"It is {capitals[q]}." if q in capitals else "I do not know" for q in questions]
 
     return answer_fn
 
@@ -71,7 +76,7 @@ def test_sizes_are_honoured(sizes):
 
 def test_question_mix_is_balanced_and_every_type_present():
     data = kw.generate(cfg(), seed=0)
-    counts = kw.qtype_counts(data.train)
+    counts = qtype_counts(data.train)
     assert set(counts) == set(kw.QTYPES)
     assert all(v == 40 for v in counts.values())  # 240 over six equal weights
 
@@ -90,7 +95,7 @@ def test_exhausted_type_moves_its_share_and_impossible_size_is_a_clear_error():
     small = dict(n_people=6, n_companies=3, n_works=3, n_countries=4, n_train=60, n_eval=10, n_seen=5)
     data = kw.generate(cfg(**small), seed=1)
     assert len(data.train) == 60
-    assert kw.qtype_counts(data.train)["comparison"] == 4
+    assert qtype_counts(data.train)["comparison"] == 4
     with pytest.raises(ConfigError, match="could only build .* train questions"):
         kw.generate(cfg(**{**small, "n_train": 5000}), seed=1)
 

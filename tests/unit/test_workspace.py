@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from searchrl.errors import ConfigError
-from searchrl.workspace import make_workspace, resolve_preset, workspace_dvc_yaml
+from searchrl.workspace import make_workspace, project_links, resolve_preset
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -45,6 +46,7 @@ def project(tmp_path, monkeypatch) -> Path:
     (root / "configs" / "tiny.yaml").write_text("evaluate:\n  max_questions: 4\n")
     (root / "dvc.yaml").write_text(yaml.safe_dump(GRAPH, sort_keys=False))
     (root / ".gitignore").write_text("/runs/\n")
+    (root / ".dvcignore").write_text("/runs\n__pycache__\n*.pyc\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([*DVC, "init", "-q"], cwd=root, check=True, env=env)
@@ -66,6 +68,7 @@ def test_preset_and_overrides_materialise_a_workspace(project):
     assert params["evaluate"] == {"top_k": 7, "max_questions": 4}
     assert params["seed"] == 0
     assert (project / "params.yaml").read_text() == before  # the user's file is untouched
+    assert not (project / "out").exists()
     assert (ws / ".dvc" / "config").exists()
     conf = (ws / ".dvc" / "config").read_text()
     assert "no_scm = True" in conf and "analytics = False" in conf
@@ -81,24 +84,27 @@ def test_runs_dir_can_move(project, tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCHRL_RUNS_DIR", str(tmp_path / "elsewhere"))
     ws = make_workspace("configs/tiny.yaml", [], root=project)
     assert ws == (tmp_path / "elsewhere" / "tiny").resolve()
-    deps = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["make"]["deps"]
-    assert (ws / deps[0]).resolve() == (project / "lib" / "code.py").resolve()
+    assert (ws / "lib").resolve() == (project / "lib").resolve()
 
 
-def test_code_deps_point_back_at_the_project_and_artifacts_stay_local(project):
+def test_dvc_yaml_is_a_copy_and_code_deps_are_links_to_the_project(project):
     ws = make_workspace("configs/tiny.yaml", [], root=project)
-    graph = yaml.safe_load((ws / "dvc.yaml").read_text())
-    assert graph["stages"]["make"]["deps"] == ["../../lib/code.py"]
-    assert graph["stages"]["use"]["deps"] == ["out", "../../lib"]  # `out` is produced by `make`
-    assert graph["stages"]["make"]["outs"] == ["out"]
-    assert graph["stages"]["make"]["cmd"] == GRAPH["stages"]["make"]["cmd"]
+    assert (ws / "dvc.yaml").read_text() == (project / "dvc.yaml").read_text()
+    assert (ws / ".dvcignore").read_text() == (project / ".dvcignore").read_text()
+    assert (ws / "lib").is_symlink() and not os.path.isabs(os.readlink(ws / "lib"))
+    assert (ws / "lib" / "code.py").read_text() == "x = 1\n"
+    assert sorted(p.name for p in ws.iterdir()) == [".dvc", ".dvcignore", "dvc.yaml", "lib", "params.yaml"]
+    assert not (ws / "out").exists()  # artifacts are the workspace's own
 
 
-def test_dependency_inside_an_output_dir_is_a_pipeline_path():
-    graph = {"stages": {"a": {"cmd": "x", "outs": ["data/prepared/train.parquet", "data/prepared/corpus.parquet"]},
-                        "b": {"cmd": "y", "deps": ["data/prepared", "data/prepared/corpus.parquet", "src"]}}}
-    out = workspace_dvc_yaml(graph, Path("/p"), Path("/p/runs/x"))
-    assert out["stages"]["b"]["deps"] == ["data/prepared", "data/prepared/corpus.parquet", "../../src"]
+def test_links_stop_above_pipeline_artifacts():
+    graph = {"stages": {
+        "a": {"cmd": "x", "deps": ["searchrl/data", "tasks/a.py", "data/raw/in.jsonl"],
+              "outs": ["data/prepared/train.parquet", "${index.out_dir}"]},
+        "b": {"cmd": "y", "deps": ["data/prepared", "data/prepared/train.parquet", "${index.out_dir}",
+                                   "searchrl/agent"],
+              "metrics": [{"reports/b.json": {"cache": False}}]}}}
+    assert project_links(graph) == ["data/raw", "searchrl", "tasks"]
 
 
 def test_bad_override_is_one_clear_error_and_creates_nothing(project):
@@ -117,9 +123,10 @@ def test_unknown_preset_lists_the_known_ones(project):
 
 def test_rewriting_is_idempotent(project):
     ws = make_workspace("configs/tiny.yaml", [], root=project)
-    stamps = {p: p.stat().st_mtime_ns for p in (ws / "params.yaml", ws / "dvc.yaml", ws / ".dvc" / "config")}
+    stamps = {p: p.lstat().st_mtime_ns
+              for p in (ws / "params.yaml", ws / "dvc.yaml", ws / ".dvc" / "config", ws / "lib")}
     assert make_workspace("configs/tiny.yaml", [], root=project) == ws
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.lstat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_dvc_rejects_ignored_dvc_yaml_but_accepts_the_nested_workspace(project):
@@ -128,7 +135,7 @@ def test_dvc_rejects_ignored_dvc_yaml_but_accepts_the_nested_workspace(project):
     plain.mkdir(parents=True)
     (plain / "dvc.yaml").write_text((project / "dvc.yaml").read_text())
     bad = subprocess.run([*DVC, "repro"], cwd=plain, capture_output=True, text=True)
-    assert bad.returncode != 0 and "git-ignored" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and re.search(r"(git|dvc)-ignored", bad.stdout + bad.stderr)
 
     ws = make_workspace("configs/tiny.yaml", [], root=project)
     first = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
@@ -137,6 +144,11 @@ def test_dvc_rejects_ignored_dvc_yaml_but_accepts_the_nested_workspace(project):
     again = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)
     assert "Stage 'make' didn't change, skipping" in again.stdout
     assert "Running stage" not in again.stdout
+
+    (project / "lib" / "__pycache__").mkdir()  # bytecode does not make stages stale (.dvcignore)
+    (project / "lib" / "__pycache__" / "code.cpython-311.pyc").write_bytes(b"\0")
+    quiet = subprocess.run([*DVC, "status"], cwd=ws, capture_output=True, text=True)
+    assert "up to date" in quiet.stdout, quiet.stdout
 
     (project / "lib" / "code.py").write_text("x = 2\n")  # a code change in the project reruns here
     third = subprocess.run([*DVC, "repro"], cwd=ws, capture_output=True, text=True)

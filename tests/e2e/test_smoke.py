@@ -1,0 +1,112 @@
+"""The smoke preset end to end through the Prefect flow, as a user runs it (`make smoke` runs the same
+command), then again: the second run reruns nothing because DVC finds every stage up to date."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT, pipeline_env_vars
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STAGES = ["prepare", "index", "evaluate"]
+CMD = [sys.executable, "-m", "flows.pipeline", "--preset", "configs/smoke.yaml"]
+
+
+def run_flow(tmp_path: Path) -> str:
+    env = {**os.environ, **pipeline_env_vars(tmp_path)}
+    for key in ("PREFECT_API_URL", "SEARCHRL_PARENT_RUN_ID", "SEARCHRL_ROOT"):
+        env.pop(key, None)
+    out = subprocess.run(CMD, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    return log
+
+
+def mlflow_runs(tmp_path: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("searchrl")
+    assert exp is not None, "no 'searchrl' experiment in the tracking store"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_smoke_pipeline_end_to_end_then_up_to_date(tmp_path):
+    log = run_flow(tmp_path)
+    ws = tmp_path / "runs" / "smoke"
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+
+    # prepare: the splits and corpus, its DVC metrics, and a Great Expectations report per frame
+    prepared = ws / "data" / "prepared"
+    for name in ("train", "eval", "seen", "corpus"):
+        assert len(pd.read_parquet(prepared / f"{name}.parquet")) > 0, name
+    stats = json.loads((prepared / "stats.json").read_text())
+    assert stats["eval"]["n"] == params["prepare"]["knowledge_world"]["n_eval"]
+    for name in ("train", "eval", "seen", "corpus", "eval_predictions"):
+        report = json.loads((ws / "reports" / "validation" / f"{name}.json").read_text())
+        assert report["success"] is True, name
+
+    # index: the manifest matches the corpus
+    manifest = json.loads((ws / "data" / "index" / "manifest.json").read_text())
+    assert manifest["n_passages"] == stats["corpus"]["n"]
+    assert manifest["kind"] == "dense"
+
+    # evaluate: every configured method scored, with EM / F1 / CEM / retrievals
+    metrics = json.loads((ws / "reports" / "eval" / "metrics.json").read_text())
+    methods = set(params["evaluate"]["methods"])
+    scored = {m for per_dataset in metrics.values() for m in per_dataset}
+    assert methods <= scored, (methods, scored)
+    for per_dataset in metrics.values():
+        for method in methods & set(per_dataset):
+            assert {"em", "f1", "cem", "retrievals"} <= set(per_dataset[method])
+    for method in methods:
+        assert (ws / "reports" / "eval" / "predictions" / f"{method}.jsonl").is_file()
+    assert "| dataset | method |" in log  # the table, in the flow's log
+
+    # the flow published the evaluation table as a Prefect artifact
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        artifacts = db.execute("SELECT key, type, data FROM artifact").fetchall()
+    assert any(key == "searchrl-eval-smoke" and kind == "markdown" and "| dataset | method |" in data
+               for key, kind, data in artifacts), artifacts
+
+    # MLflow: one parent run for the flow, one nested run per stage with the lineage tags
+    runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["preset"] == "smoke"
+    stage_runs = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("stage") in STAGES}
+    assert sorted(stage_runs) == sorted(STAGES) and len(runs) == 1 + len(STAGES)
+    for stage, run in stage_runs.items():
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id, stage
+        assert run.info.status == "FINISHED", stage
+        assert tags["git_commit"] and tags["params_hash"], stage
+    assert any(k.startswith("dvc.dep.") for k in stage_runs["index"].data.tags)
+    assert any(k.startswith("dvc.dep.") for k in stage_runs["evaluate"].data.tags)
+    assert "evaluate.top_k" in stage_runs["evaluate"].data.params
+
+    # Second run: DVC finds every stage up to date, nothing reruns, nothing is rewritten.
+    lock = (ws / "dvc.lock").read_bytes()
+    log2 = run_flow(tmp_path)
+    assert "Running stage" not in log2, log2[-4000:]
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in log2
+    assert "DVC ran: nothing (all stages up to date)" in log2
+    assert (ws / "dvc.lock").read_bytes() == lock
+    runs = mlflow_runs(tmp_path)
+    assert sum(r.data.tags.get("stage") == "pipeline" for r in runs) == 2
+    assert sum(r.data.tags.get("stage") in STAGES for r in runs) == len(STAGES)  # no stage ran again

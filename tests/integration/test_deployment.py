@@ -1,0 +1,122 @@
+"""Scheduled retraining for real: a local `prefect server start`, `python -m flows.deploy` serving the
+pipeline with its cron schedule, one triggered run that completes (smoke preset, prepare only,
+knowledge probe off: cheap but the real flow, DVC stage and MLflow run)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, pipeline_env_vars
+
+pytestmark = pytest.mark.slow
+
+CRON = "0 3 * * 0"
+DEPLOYMENT = "searchrl-pipeline/retrain"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: process exited with {proc.returncode}\n{log.read_text()[-4000:] if log else ''}")
+        try:
+            if result := check():
+                return result
+        except Exception:  # not up yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"{what}: not ready after {timeout:.0f}s\n{log.read_text()[-4000:] if log else ''}")
+
+
+def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect server on a free port with its own PREFECT_HOME; yields (api_url, env)."""
+    port = free_port()
+    env = {**os.environ, **pipeline_env_vars(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "server.log"
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180,
+                   "prefect server", proc, log)
+        yield api, {**env, "PREFECT_API_URL": api}
+    finally:
+        stop(proc)
+
+
+def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env = prefect_server
+    log = tmp_path / "serve.log"
+    serve = start([sys.executable, "-m", "flows.deploy", "--cron", CRON, "--preset", "configs/smoke.yaml",
+                   "--stages", "prepare", "--set", "prepare.knowledge_world.probe.enabled=false"], env, log)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                deployment = wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 120,
+                                        "deployment registration", serve, log)
+                [schedule] = deployment.schedules
+                assert schedule.schedule.cron == CRON
+                assert schedule.active
+                assert deployment.parameters == {
+                    "preset": "configs/smoke.yaml", "stages": ["prepare"],
+                    "overrides": ["prepare.knowledge_world.probe.enabled=false"]}
+
+            run = run_deployment(DEPLOYMENT, timeout=600, poll_interval=2)
+            assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-6000:]}"
+
+            # The server's scheduler queued the next cron runs (Sundays 03:00 UTC).
+            def scheduled():
+                with get_client(sync_client=True) as client:
+                    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                        id=DeploymentFilterId(any_=[deployment.id])))
+                return [r for r in runs if r.state and r.state.is_scheduled()]
+
+            upcoming = wait_until(scheduled, 90, "scheduled runs")
+            for r in upcoming:
+                start_at = r.expected_start_time.astimezone(UTC)
+                assert (start_at.isoweekday(), start_at.hour, start_at.minute) == (7, 3, 0), start_at
+    finally:
+        stop(serve)
+
+    ws = tmp_path / "runs" / "smoke"
+    assert (ws / "data" / "prepared" / "corpus.parquet").is_file()
+    assert (ws / "dvc.lock").is_file()
+    assert not (ws / "data" / "index").exists()  # only the requested stage ran

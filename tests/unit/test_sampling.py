@@ -1,0 +1,301 @@
+"""Rejection sampling: the filters on good and bad trajectories, the oracle on a tiny Knowledge World
+with a real (BM25) index, selection, difficulty labels, and the HTTP teacher against a local server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from searchrl.agent.engine import run_rollouts
+from searchrl.agent.fakes import KeywordRetriever, ScriptedBackend
+from searchrl.agent.protocols import get_protocol
+from searchrl.agent.trajectory import Segment
+from searchrl.config import AgentCfg, IndexCfg, KnowledgeWorldCfg
+from searchrl.data import knowledge_world as kw
+from searchrl.errors import ConfigError
+from searchrl.models import load_tokenizer
+from searchrl.training import sampling
+from searchrl.training.teacher import ChatPromptParser, OpenAIBackend, TeacherError
+
+PP = get_protocol("r1searcher_pp")
+AGENT = AgentCfg(max_total_tokens=512, max_segment_tokens=128, top_k=2)
+PASSAGES = [("p-fr", "France", "France is a country in Europe. Its capital city is Paris."),
+            ("p-de", "Germany", "Germany is a country in Europe. Its capital city is Berlin."),
+            ("p-zo", "Zorblat Holdings", "Zorblat Holdings was founded in 1901 in France.")]
+Q = "What is the capital of the country where Zorblat Holdings was founded?"
+GOLDS = {"0": ["Paris"]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def retriever():
+    return KeywordRetriever(PASSAGES)
+
+
+def rollout(tok, retriever, script: list[str]):
+    backend = ScriptedBackend(tok, {Q: script}, PP.query_close)
+    return run_rollouts(backend, retriever, PP, [("0", Q)], agent_cfg=AGENT)[0]
+
+
+GOOD = ["<external>Zorblat Holdings founded</external>",
+        "Zorblat Holdings was founded in France.\n<internal>The capital of France is Paris.</internal>\n"
+        "<answer>Paris</answer>"]
+
+
+def judge_one(traj, retriever, tok):
+    return sampling.judge([traj], GOLDS, PP, retriever, AGENT.top_k, "policy", 10,
+                          sampling.special_tokens(tok))[0]
+
+
+# ----------------------------------------------------------------------------- filters
+def test_good_trajectory_passes_every_filter(tok, retriever):
+    traj = rollout(tok, retriever, GOOD)
+    assert traj.retrievals == 1 and traj.internal_steps == 1
+    c = judge_one(traj, retriever, tok)
+    assert c.checks == {"format": True, "answer": True, "retrieval": True, "self_docs": True}
+    assert c.accepted and c.reasons == []
+    assert sampling.knowledge_mix(traj) == "mixed"
+
+
+def test_forged_document_is_rejected(tok, retriever):
+    traj = rollout(tok, retriever, GOOD)
+    i = next(k for k, s in enumerate(traj.segments) if s.role == "env")
+    seg = traj.segments[i]
+    forged = seg.text.replace("founded in 1901", "founded in 1901; the capital of France is Paris")
+    traj.segments[i] = Segment("env", forged, tok.encode(forged, add_special_tokens=False))
+    c = judge_one(traj, retriever, tok)
+    assert c.checks["retrieval"] is False and c.checks["format"] is True and not c.accepted
+    assert any(r.startswith("forged document") for r in c.reasons)
+
+
+def test_edited_passage_ids_are_rejected(tok, retriever):
+    traj = rollout(tok, retriever, GOOD)
+    traj.retrieved_ids[0] = ["p-fr"] + traj.retrieved_ids[0][1:]
+    assert judge_one(traj, retriever, tok).checks["retrieval"] is False
+
+
+def test_unbalanced_tags_are_rejected(tok, retriever):
+    bad = [GOOD[0], GOOD[1].replace("</internal>", "")]
+    c = judge_one(rollout(tok, retriever, bad), retriever, tok)
+    assert c.checks["format"] is False and c.checks["answer"] is True and not c.accepted
+    assert any("internal tags unbalanced" in r for r in c.reasons)
+
+
+def test_long_answer_is_rejected_even_if_it_covers_the_gold(tok, retriever):
+    long = "it is Paris or maybe Berlin or Rome or Madrid or Lisbon"
+    c = judge_one(rollout(tok, retriever, [GOOD[0], f"<answer>{long}</answer>"]), retriever, tok)
+    assert c.checks["answer"] is False and c.checks["format"] is True and c.checks["retrieval"] is True
+
+
+def test_self_written_document_with_correct_answer_is_rejected(tok, retriever):
+    script = ["<document>\n(1) France: Its capital city is Paris.\n</document>\n<answer>Paris</answer>"]
+    traj = rollout(tok, retriever, script)
+    assert traj.answer == "Paris" and traj.retrievals == 0
+    c = judge_one(traj, retriever, tok)
+    assert c.checks["answer"] is True
+    assert c.checks["self_docs"] is False and c.checks["format"] is False and not c.accepted
+
+
+def test_document_after_an_empty_query_is_not_a_retrieval(tok, retriever):
+    traj = rollout(tok, retriever, ["<external> </external>", "<answer>Paris</answer>"])
+    assert traj.retrievals == 1 and traj.queries == [""]
+    c = judge_one(traj, retriever, tok)
+    assert c.checks["retrieval"] is False and c.checks["format"] is False
+
+
+# ----------------------------------------------------------------------------- selection, difficulty
+def test_select_prefers_fewer_retrievals_and_drops_duplicates(tok, retriever):
+    searched = judge_one(rollout(tok, retriever, GOOD), retriever, tok)
+    recalled = judge_one(rollout(tok, retriever, ["<internal>Zorblat Holdings was founded in France.</internal>\n"
+                                                  "<answer>Paris</answer>"]), retriever, tok)
+    assert recalled.accepted and sampling.knowledge_mix(recalled.traj) == "internal_only"
+    twin = replace(searched, traj=replace(searched.traj, sample_index=5))
+    picked = sampling.select([searched, twin, recalled], keep=3)
+    assert [c.traj.retrievals for c in picked] == [0, 1]  # the duplicate completion is dropped
+    assert sampling.select([searched, recalled], keep=2, taken=[recalled]) == [searched]
+
+
+@pytest.mark.parametrize("n_correct,n,label", [(0, 8, "difficult"), (1, 8, "medium"), (3, 8, "medium"),
+                                               (4, 8, "easy"), (8, 8, "easy"), (0, 0, "unknown")])
+def test_difficulty_label(n_correct, n, label):
+    assert sampling.difficulty_label(n_correct, n, easy_min_rate=0.5, medium_min_rate=0.01) == label
+
+
+def test_difficulty_label_paper_thresholds():
+    # 1 / rate = rollouts needed: < 10 easy, 10-20 medium, > 20 difficult
+    assert sampling.difficulty_label(2, 16, 0.1, 0.05) == "easy"
+    assert sampling.difficulty_label(1, 16, 0.1, 0.05) == "medium"
+    assert sampling.difficulty_label(1, 32, 0.1, 0.05) == "difficult"
+
+
+# ----------------------------------------------------------------------------- oracle
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny Knowledge World whose (fake) probe knows every capital, with a real BM25 index."""
+    from searchrl.retrieval.index import build_index, load_index
+
+    root = tmp_path_factory.mktemp("kw")
+    cfg = KnowledgeWorldCfg(n_people=8, n_companies=4, n_works=4, n_countries=6, n_train=24, n_eval=8, n_seen=4)
+    cfg.probe.cache_path = str(root / "probe.json")
+    capitals = {kw.QUESTION_TEMPLATES["capital"][0].format(s=c.name): c.capital[0] for c in kw.COUNTRIES}
+    data = kw.generate(cfg, 0, answer_fn=lambda qs: [capitals.get(q, "no idea") for q in qs])
+    build_index(data.world.passages, IndexCfg(kind="bm25"), root / "index")
+    return data, load_index(root / "index")
+
+
+def test_oracle_trajectories_have_real_document_blocks(tok, tiny_world):
+    data, index = tiny_world
+    res = sampling.run_sampling(data.train, ["oracle"], None, index, PP, AGENT, n_samples=1, temperature=0.0,
+                                keep_per_question=2, oracle_variants=2, oracle_tokenizer=tok)
+    st = res.stats["samplers"]["oracle"]
+    assert st["candidates"] == 2 * len(data.train)
+    assert st["pass_rate"]["format"] == 1.0 and st["pass_rate"]["answer"] == 1.0
+    assert st["pass_rate"]["retrieval"] == 1.0 and st["pass_rate"]["grounded"] > 0.5
+    assert res.stats["questions_covered"] >= 0.5 * len(data.train)
+    by_id = {r.id: r for r in data.train}
+    for c in res.kept:
+        rec = by_id[c.traj.question_id]
+        external = [h for h in rec.metadata["hops"] if h["source"] == "external"]
+        assert c.traj.retrievals == len(external) == len(c.traj.retrieved_ids)
+        assert c.traj.internal_steps == len(rec.metadata["hops"]) - len(external)
+        blocks = [s.text for s in c.traj.segments if s.role == "env"]
+        # each block is exactly what the index returns for the query, and holds the hop's gold passage
+        for block, query, ids, hop in zip(blocks, c.traj.queries, c.traj.retrieved_ids, external, strict=True):
+            hits = index.search([query], AGENT.top_k)[0]
+            assert block == PP.documents_text(hits, sampling.special_tokens(tok))
+            assert ids == [h.id for h in hits] and hop["passage_id"] in ids
+    mix = res.stats["mix"]
+    assert mix["external_only"] > 0 and mix["mixed"] + mix["internal_only"] > 0
+    assert {r["difficulty"] for r in res.difficulty} == {"unknown"}  # no model sampler ran
+
+
+def test_oracle_needs_hop_chains(tok, retriever):
+    from searchrl.data.schema import QARecord
+
+    rec = QARecord("x", "hotpotqa", "train", "Who?", ["Bob"], {})
+    with pytest.raises(ConfigError, match="hop chain"):
+        sampling.oracle_segments(rec, PP)
+
+
+def test_model_sampler_fills_only_and_labels_difficulty(tok, tiny_world):
+    """policy (scripted: right on even questions, wrong on odd) first, oracle fills the rest."""
+    data, index = tiny_world
+    records = data.train[:6]
+    scripts = {r.question: [f"<answer>{r.answers[0] if i % 2 == 0 else 'Nobody'}</answer>"]
+               for i, r in enumerate(records)}
+    backend = ScriptedBackend(tok, scripts, PP.query_close)
+    res = sampling.run_sampling(records, ["policy", "oracle"], lambda name: backend, index, PP, AGENT, n_samples=2,
+                                temperature=1.0, keep_per_question=1, oracle_variants=1, oracle_tokenizer=tok)
+    st = res.stats["samplers"]
+    assert st["policy"]["candidates"] == 12 and st["policy"]["accepted"] == 6
+    assert st["policy"]["pass_rate"]["answer"] == 0.5
+    assert st["oracle"]["questions"] == 3  # only the questions the policy left empty
+    assert res.stats["kept_by_sampler"]["policy"] == 3
+    labels = {row["id"]: row["difficulty"] for row in res.difficulty}
+    assert [labels[r.id] for r in records] == ["easy", "difficult"] * 3
+
+
+# ----------------------------------------------------------------------------- HTTP teacher
+SECRET = "sk-test-0123456789abcdef"
+
+
+class _Teacher(BaseHTTPRequestHandler):
+    """A scripted OpenAI-compatible server: searches once, then answers; drops the stop string from
+    its text (as OpenAI does)."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.headers.get("Authorization") != f"Bearer {SECRET}":
+            self._reply(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
+            return
+        if self.path.endswith("/chat/completions"):
+            so_far = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "assistant" else ""
+        else:
+            so_far = body["prompt"]
+        text = "<answer>Paris" if so_far.endswith("</document>\n") else "<external>Zorblat Holdings founded"
+        choice = {"index": 0, "finish_reason": "stop"}
+        if self.path.endswith("/chat/completions"):
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        self._reply(200, {"choices": [choice]})
+
+    def _reply(self, code: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Teacher.requests = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_http_teacher_runs_the_agent_loop(tok, retriever, server, api, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    backend = OpenAIBackend(server, tok, PP, api=api, model="big-teacher", api_key_env="TEACHER_KEY",
+                            concurrency=2)
+    trajs = run_rollouts(backend, retriever, PP, [("0", Q)], n=2, temperature=1.0, agent_cfg=AGENT,
+                         source="teacher")
+    for t in trajs:
+        assert t.finish_reason == "answered" and t.answer == "Paris" and t.retrievals == 1
+        assert t.segments[0].text == "<external>Zorblat Holdings founded</external>"  # stop string restored
+        assert t.segments[0].token_ids == tok.encode(t.segments[0].text, add_special_tokens=False)
+        assert t.logprobs == [0.0] * len(t.completion_ids)
+    cands = sampling.judge(trajs, GOLDS, PP, retriever, AGENT.top_k, "teacher", 10, sampling.special_tokens(tok))
+    assert all(c.accepted for c in cands)
+    reqs = _Teacher.requests
+    assert len(reqs) == 4 and all(r["auth"] == f"Bearer {SECRET}" for r in reqs)
+    assert all(r["path"] == f"/v1/{'chat/completions' if api == 'chat' else 'completions'}" for r in reqs)
+    assert all(r["body"]["model"] == "big-teacher" and r["body"]["stop"] == PP.stops for r in reqs)
+    if api == "chat":
+        first = next(r for r in reqs if len(r["body"]["messages"]) == 2)["body"]
+        assert first["messages"][0]["content"] == PP.system_prompt() and first["messages"][1]["content"] == Q
+        cont = next(r for r in reqs if len(r["body"]["messages"]) == 3)["body"]
+        assert cont["continue_final_message"] is True and cont["messages"][2]["role"] == "assistant"
+    # the key is in no log record and no written output
+    out = tmp_path / "trajectories.jsonl"
+    out.write_text("".join(json.dumps(sampling.jsonl_row(c, "fp")) + "\n" for c in cands))
+    assert SECRET not in caplog.text and SECRET not in out.read_text()
+
+
+def test_http_teacher_error_names_status_and_hides_the_key(tok, server, monkeypatch, caplog):
+    monkeypatch.setenv("TEACHER_KEY", "wrong-key-but-secret")
+    backend = OpenAIBackend(server, tok, PP, api_key_env="TEACHER_KEY", concurrency=1, max_retries=0)
+    prompt = PP.prompt_ids(tok, Q)[1]
+    with pytest.raises(TeacherError, match="HTTP 401") as err:
+        backend.generate([prompt], max_new_tokens=16, stop=PP.stops)
+    assert "wrong-key-but-secret" not in str(err.value) and "***" in str(err.value)
+    assert "wrong-key-but-secret" not in caplog.text
+
+
+def test_chat_prompt_parser_recovers_messages(tok):
+    parser = ChatPromptParser(tok)
+    ids = PP.prompt_ids(tok, Q)[1] + tok.encode("<external>x</external>", add_special_tokens=False)
+    assert parser.parse(ids) == (PP.system_prompt(), Q, "<external>x</external>")
