@@ -10,8 +10,9 @@ normalisation:
            dir (nothing resumed), .npy shards, faiss add, passages.parquet, sha256s, manifest.
 Target: ours >= 90% of the ceiling's passages/s (wall clock; `ratio`); `ratio_cpu` compares process
 CPU seconds. Other processes may share the CPU, so by default the sides are interleaved: after each
-shard build_index encodes, the raw encoder encodes the same shard's texts (timed apart, and taken out
-of the build's time), so both see the same load at the same moments. `--mode back-to-back` runs
+shard build_index encodes, the raw encoder encodes the next shard_size texts of its own one-call order
+(the same batches a single call would run; timed apart and taken out of the build's time), so both
+see the same load at the same moments. `--mode back-to-back` runs
 each side whole instead (`--repeats 2` alternates the order). The load average is recorded, and
 both sides' vectors are compared. The index is kept in --index-dir for bench_search.py.
 Results: bench/results/index_build.json (or --out).
@@ -120,9 +121,49 @@ def run_ours(passages: list[Passage], cfg: IndexCfg, index_dir: Path) -> tuple[d
             "loadavg_before": la0, "loadavg_after": loadavg()}, vecs
 
 
+def padding_analysis(texts: list[str], cfg: IndexCfg) -> dict:
+    """Tokens the encoder processes (padding included) per real token, for ways of forming batches.
+
+    A batch is padded to its longest member, so the work is the sum over batches of size x longest.
+    - raw_encode_one_call: sentence-transformers sorts one call's inputs by characters (the ceiling);
+    - build_index: global token-count order, one call per batch (what build_index does);
+    - naive_shards_N: shards cut in corpus order, each one encode call (sorted by characters inside);
+    - unsorted: batches in corpus order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(cfg.encoder))
+    ids = tok(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+    tokens = np.array([len(x) for x in ids])
+    chars = np.fromiter(map(len, texts), np.int64, len(texts))
+    b = cfg.batch_size
+
+    def cost(order: np.ndarray, shard: int | None = None, key: np.ndarray | None = None) -> int:
+        groups = [order] if shard is None else [order[a:a + shard] for a in range(0, len(order), shard)]
+        total = 0
+        for g in groups:
+            if key is not None:
+                g = g[np.argsort(-key[g], kind="stable")]
+            for a in range(0, len(g), b):
+                total += len(g[a:a + b]) * int(tokens[g[a:a + b]].max())
+        return total
+
+    real = int(tokens.sum())
+    rows = np.arange(len(texts))
+    out = {"real_tokens": real, "mean_tokens": round(real / len(texts), 1),
+           "truncated_share": round(float((tokens >= cfg.max_length).mean()), 4),
+           "chars_tokens_correlation": round(float(np.corrcoef(chars, tokens)[0, 1]), 4)}
+    for name, value in [("raw_encode_one_call", cost(rows, key=chars)),
+                        ("build_index", cost(np.lexsort((rows, -tokens)))),
+                        (f"naive_shards_{cfg.shard_size}", cost(rows, cfg.shard_size, chars)),
+                        ("naive_shards_64", cost(rows, 64, chars)),
+                        ("unsorted", cost(rows))]:
+        out[name] = round(value / real, 4)
+    return out
+
+
 def run_interleaved(passages: list[Passage], texts: list[str], cfg: IndexCfg, index_dir: Path,
                     partial=None) -> tuple[dict, dict, list, np.ndarray, np.ndarray]:
-    """One end-to-end build_index; after each shard it encodes, the raw encoder encodes the same texts.
+    """One end-to-end build_index; after each shard it encodes, the raw encoder encodes as many texts.
 
     Ours = the build's wall / CPU time minus the time spent in those callbacks, so both sides see the
     same machine load at the same moments (shard granularity)."""
@@ -132,13 +173,20 @@ def run_interleaved(passages: list[Passage], texts: list[str], cfg: IndexCfg, in
     model = SentenceTransformer(resolve(cfg.encoder), device="cpu")
     model.max_seq_length = cfg.max_length
     ceil_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    # The ceiling's s-th piece is the s-th run of one big encode call's own order (characters, longest
+    # first; shard_size is a multiple of batch_size): the same batches as a single call over all texts.
+    ceil_order = np.argsort(-np.fromiter(map(len, texts), np.int64, len(texts)), kind="stable")
+    done = 0
     ceil = {"seconds": 0.0, "cpu_seconds": 0.0}
     pause = {"wall": 0.0, "cpu": 0.0, "mark_wall": 0.0, "mark_cpu": 0.0}
     shards: list[dict] = []
 
     def on_shard(shard: int, rows: np.ndarray) -> None:
+        nonlocal done
         p0, q0 = time.perf_counter(), time.process_time()
         ours_wall, ours_cpu = p0 - pause["mark_wall"], q0 - pause["mark_cpu"]
+        rows = ceil_order[done:done + len(rows)]
+        done += len(rows)
         chunk = [texts[i] for i in rows]
         la, t0, c0 = loadavg(), time.perf_counter(), time.process_time()
         emb = model.encode(chunk, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
@@ -196,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="back-to-back rounds; the order alternates")
     ap.add_argument("--index-dir", type=Path, default=ROOT / ".cache" / "bench" / "index-flat")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "index_build.json")
+    ap.add_argument("--padding-only", action="store_true",
+                    help="only (re)compute the padding analysis and merge it into --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("faiss", "sentence_transformers", "httpx"):
@@ -207,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
                    factory="Flat", kind="dense")
     print(f"{len(passages)} passages, mean {np.mean([len(t) for t in texts]):.0f} chars; batch {cfg.batch_size}, "
           f"max_length {cfg.max_length}, shard {cfg.shard_size}, {args.mode}", flush=True)
+    padding = padding_analysis(texts, cfg)
+    print(f"padded tokens per real token: {padding}", flush=True)
+    if args.padding_only:
+        old = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**old, "padding": padding}, indent=2) + "\n", encoding="utf-8")
+        return
     report = {
         "benchmark": "index build passages/s: build_index (Flat) vs raw SentenceTransformer.encode",
         "command": " ".join(["python", shlex.quote(os.path.relpath(__file__, ROOT)), *map(shlex.quote,
@@ -219,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"encoder": cfg.encoder, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                      "shard_size": cfg.shard_size, "normalize": cfg.normalize, "factory": cfg.factory},
         "mode": args.mode,
+        "padding": padding,
         "target_ratio": 0.9,
         "complete": False,
     }

@@ -57,7 +57,14 @@ class AgentCfg(Section):
     top_k: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     cache_path: str = "data/cache/retrieval.sqlite"
+    # Stop generating at the answer's closing tag (R1-Searcher's evaluation); false = let the model end
+    # the rollout itself (EOS after </answer>, as in R1-Searcher's training rollouts).
+    stop_at_answer: bool = True
+    # HF backend: reuse the KV of each rollout's history across retrieval rounds (and of the shared
+    # system prompt) instead of recomputing it; same outputs, less compute.
+    kv_reuse: bool = True
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_max_model_len: int = Field(0, ge=0)  # 0 = the model's own context length
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import searchrl  # noqa: F401  (sets OMP_WAIT_POLICY before any test module imports torch)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

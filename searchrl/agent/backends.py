@@ -123,6 +123,9 @@ class _StopWatcher:
         return best
 
 
+StopWatcher = _StopWatcher  # public name (other stages use it for their own decode loops)
+
+
 # ----------------------------------------------------------------------------- HF backend
 _BLOCK = 16  # prefix-cache granularity (tokens)
 
@@ -317,6 +320,7 @@ class HFBackend:
         self.stats = {"calls": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
                       "reused_tokens": 0, "seconds": 0.0}
         self._session: _PrefixStore | None = None
+        self._continue_stops: set[str] | None = None
 
     @classmethod
     def load(cls, name: str, dtype: str = "float32", device: str = "auto", batch_size: int = 32,
@@ -336,16 +340,19 @@ class HFBackend:
         return (8 << 30) if self.device.type == "cuda" else (3 << 30)
 
     @contextmanager
-    def session(self):
-        """Keep prefix KV across `generate` calls (same weights throughout)."""
+    def session(self, continue_stops: list[str] | tuple[str, ...] | None = None):
+        """Keep prefix KV across `generate` calls (same weights throughout). Only rows that stop on one
+        of `continue_stops` (default: any stop string) are kept: those are the ones continued later."""
         if not self.kv_reuse or self._session is not None:
             yield self
             return
         self._session = _PrefixStore(self._default_store_bytes())
+        self._continue_stops = set(continue_stops) if continue_stops else None
         try:
             yield self
         finally:
             self._session = None
+            self._continue_stops = None
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
@@ -489,7 +496,8 @@ class HFBackend:
                     ids = ids_out[r]
                     text_ids = ids[:-1] if finish == "eos" else ids
                     results[r] = Generation(list(ids), decode(self.tokenizer, text_ids), lps_out[r], finish, which)
-                    if finish == "stop" and self._session is not None:
+                    if finish == "stop" and self._session is not None and (
+                            self._continue_stops is None or which in self._continue_stops):
                         # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
                         cols = attn[j].nonzero()[:, 0]
                         kv = [layer.row(j, cols) for layer in cache.layers]
@@ -606,9 +614,9 @@ def make_backend(policy_cfg, agent_cfg, model=None, tokenizer=None) -> Backend:
     if agent_cfg.backend == "hf":
         if model is None:
             return HFBackend.load(policy_cfg.model, dtype=policy_cfg.dtype, device=policy_cfg.device,
-                                  batch_size=agent_cfg.batch_size)
+                                  batch_size=agent_cfg.batch_size, kv_reuse=getattr(agent_cfg, "kv_reuse", True))
         tok = tokenizer if tokenizer is not None else load_tokenizer(policy_cfg.model)
-        return HFBackend(model, tok, batch_size=agent_cfg.batch_size)
+        return HFBackend(model, tok, batch_size=agent_cfg.batch_size, kv_reuse=getattr(agent_cfg, "kv_reuse", True))
     if agent_cfg.backend == "vllm":
         if model is not None:
             return VLLMBackend("", llm=model, tokenizer=tokenizer)

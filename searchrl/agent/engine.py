@@ -19,13 +19,21 @@ Caps (AgentCfg): `max_retrievals` (a query past the cap ends the rollout, finish
 `max_segment_tokens` (one segment), `max_total_tokens` (all completion tokens, model + env: a
 segment gets `min(max_segment_tokens, room left)`; a document block that would not leave room for
 at least one more model token is not inserted and the rollout ends with finish "length").
+`stop_at_answer` (default true) also stops at the answer's closing tag; false lets the model end the
+rollout itself (EOS), as R1-Searcher's training rollouts do.
 Finish reasons: answered | max_retrievals | length | malformed (EOS without an answer, a query
 close tag without its open tag, an empty query where the protocol makes it fatal, or an answer
 close tag without its open tag).
+
+Rounds are synchronous (as in R1-Searcher's loop): inside a round the backend drops rows that
+finish from its batch, and the next round starts once every row of the round has stopped. With the
+HF backend the round's prompts reuse the KV of each rollout's history (`backend.session()`), so a
+round costs only its new tokens; vLLM does the same with its automatic prefix caching.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -122,15 +130,14 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
             rollouts.append(_Rollout(traj, list(p_ids)))
     st.rollouts += len(rollouts)
 
-    session = getattr(backend, "session", None)
-    ctx = session() if callable(session) else _nullcontext()
-    with ctx:
+    stops = proto.stops if cfg.stop_at_answer else [proto.query_close]
+    with _session(backend, [proto.query_close]):
         active = [r for r in rollouts if cfg.max_total_tokens > 0]
         rnd = 0
         while active:
             budgets = [min(cfg.max_segment_tokens, cfg.max_total_tokens - r.used) for r in active]
             t0 = time.perf_counter()
-            gens = backend.generate([r.ids for r in active], max_new_tokens=budgets, stop=proto.stops,
+            gens = backend.generate([r.ids for r in active], max_new_tokens=budgets, stop=stops,
                                     temperature=temperature, top_p=top_p,
                                     seed=None if seed is None else int(seed) * 1_000_003 + rnd)
             st.generate_seconds += time.perf_counter() - t0
@@ -141,7 +148,9 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
                 r.ids.extend(g.token_ids)
                 r.used += len(g.token_ids)
                 st.generated_tokens += len(g.token_ids)
-                act = proto.parse_segment(g.text, g.stop if g.finish == "stop" else None)
+                first = len(r.traj.segments) == 1
+                act = proto.parse_segment(g.text, g.stop if g.finish == "stop" else None,
+                                          lead=proto.assistant_prefix if first else "")
                 if act.kind == "answer":
                     _finish(proto, r, "answered")
                 elif act.kind == "bad_query":
@@ -220,9 +229,12 @@ def _finish(proto: Protocol, r: _Rollout, reason: str) -> None:
     r.done = True
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _session(backend, continue_stops):
+    """The backend's KV-reuse session for one run_rollouts (HFBackend), or a no-op."""
+    session = getattr(backend, "session", None)
+    if not callable(session):
+        return contextlib.nullcontext()
+    try:
+        return session(continue_stops=continue_stops)
+    except TypeError:
+        return session()

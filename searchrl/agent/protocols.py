@@ -126,11 +126,14 @@ class Protocol:
         return decode(tokenizer, ids), ids
 
     # -- reading the model's segment
-    def parse_segment(self, text: str, stop: str | None) -> Action:
-        """What the model asked for in the segment it just finished (`stop` is the stop string matched)."""
+    def parse_segment(self, text: str, stop: str | None, lead: str = "") -> Action:
+        """What the model asked for in the segment it just finished (`stop` is the stop string matched;
+        `lead` is prompt text the segment continues, i.e. the assistant prefix for the first segment,
+        so a prefix that opens a query, e.g. "<external>", works)."""
         if stop == self.answer_close:
             return Action("answer")
         if stop == self.query_close:
+            text = lead + text
             cut = text.rfind(self.query_close)
             head = text[:cut]
             op = head.rfind(self.query_open)

@@ -18,6 +18,11 @@ FinishReason = Literal["answered", "max_retrievals", "length", "malformed"]
 
 @dataclass
 class Segment:
+    """One stretch of the completion. `text` is exactly what the tokens stand for
+    (`decode(token_ids)`, special tokens kept), except that a final EOS token of a model segment is
+    kept in `token_ids` (the policy sampled it; RL trains on it) but not in `text`; so the rendered
+    completion (`Trajectory.completion_text`) is the concatenation of segment texts."""
+
     role: Role
     text: str
     token_ids: list[int]
@@ -75,6 +80,10 @@ class Trajectory:
     @property
     def n_model_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.segments if s.role == "model")
+
+    @property
+    def n_env_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.segments if s.role == "env")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -78,10 +78,10 @@ class Encoder:
     def __init__(self, name: str = "all-minilm-l6-v2", *, max_length: int = 256, normalize: bool = True,
                  batch_size: int = 128, query_instruction: str = "", passage_prefix: str = "",
                  device: str = "auto"):
-        from sentence_transformers import SentenceTransformer
-
         self.name = canonical_name(name)
         self.path = resolve(name)  # ModelNotFoundError for a missing local path / embedded package
+        from sentence_transformers import SentenceTransformer  # after resolve: a bad path fails fast
+
         self.normalize, self.batch_size = normalize, batch_size
         self.query_instruction, self.passage_prefix = query_instruction, passage_prefix
         try:
@@ -113,6 +113,15 @@ class Encoder:
         return {"encoder": self.name, "encoder_fingerprint": self.fingerprint, "dim": self.dim,
                 "max_length": self.max_length, "normalize": self.normalize,
                 "query_instruction": self.query_instruction, "passage_prefix": self.passage_prefix}
+
+    def token_lengths(self, texts: list[str], chunk: int = 4096) -> np.ndarray:
+        """Tokens per text as the model sees it (special tokens included, truncated at max_length)."""
+        out = np.empty(len(texts), dtype=np.int64)
+        tok = self.model.tokenizer
+        for a in range(0, len(texts), chunk):
+            ids = tok(list(texts[a:a + chunk]), truncation=True, max_length=self.max_length)["input_ids"]
+            out[a:a + len(ids)] = [len(x) for x in ids]
+        return out
 
     def _encode(self, texts: list[str], prompt: str, batch_size: int | None) -> np.ndarray:
         if not texts:

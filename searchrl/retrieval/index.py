@@ -8,10 +8,11 @@ An index directory (published atomically, so a failed build leaves the previous 
     manifest.json       encoder + settings, corpus hash, n_passages, sha256 and size of every file,
                         build seconds and passages/s
 
-Dense builds encode in resumable shards. Passages are sorted by length (longest first, as
-sentence-transformers does inside one `encode` call, so batches pad as little as the raw encoder's
-best case) and cut into shards of `shard_size`; each finished shard is saved as .npy under
-`<out_dir>.work/<key>/`, key = corpus hash + encoder settings. An interrupted build resumes and
+Dense builds encode in resumable shards. Passages are sorted by token count (longest first) and cut
+into shards of `shard_size`, each encoded one batch per call, so a batch pads to almost nothing
+(sentence-transformers sorts one call's inputs by characters, which pads 1.4x more on real
+paragraphs: see `encode_order`). Each finished shard is saved as .npy under `<out_dir>.work/<key>/`,
+key = corpus hash + encoder settings. An interrupted build resumes and
 skips finished shards; with `keep_embeddings` a later build with another factory (Flat -> HNSW ->
 IVF-PQ) re-encodes nothing. Vectors reach faiss in chunks read from the memory-mapped shards, so the
 build never holds the embeddings twice.
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST, PASSAGES, FAISS_FILE, BM25_DIR = "manifest.json", "passages.parquet", "index.faiss", "bm25"
-SHARD_ORDER = "chars-desc-v1"  # how passages are ordered into shards (part of the shard cache key)
+SHARD_ORDER = "tokens-desc-v1"  # how passages are ordered into shards (part of the shard cache key)
 VERIFY_AUTO_BYTES = 1 << 30  # verify="auto" hashes the files when they total at most this
 ADD_CHUNK = 65536  # vectors per faiss.add call
 BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "lower": True, "stemmer": None}
@@ -161,6 +162,27 @@ def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def encode_order(texts: list[str], encoder: Encoder, cache: Path | None = None) -> np.ndarray:
+    """Corpus rows longest first by *token* count (ties by row), cached next to the shards.
+
+    A batch is padded to its longest member. sentence-transformers sorts by characters, a loose proxy
+    for tokens here (a run of 128 passages of ~600 characters spans 100 to 220 tokens): on the ~55k
+    benchmark paragraphs character order costs 1.44 padded tokens per real token, token order 1.02."""
+    if cache is not None and cache.is_file():
+        order = np.load(cache)
+        if len(order) == len(texts) and np.array_equal(np.sort(order), np.arange(len(texts))):
+            return order
+    t0 = time.perf_counter()
+    lengths = encoder.token_lengths(texts)
+    order = np.lexsort((np.arange(len(texts)), -lengths))
+    log.info("encode: counted the tokens of %d passages in %.1fs (%.1f tokens per passage, %.1f%% truncated at "
+             "%d)", len(texts), time.perf_counter() - t0, float(lengths.mean()) if len(lengths) else 0.0,
+             100.0 * float((lengths >= encoder.max_length).mean()) if len(lengths) else 0.0, encoder.max_length)
+    if cache is not None:
+        _save_npy_atomic(cache, order)
+    return order
+
+
 def encode_shards(texts: list[str], order: np.ndarray, encoder: Encoder, shard_dir: Path, shard_size: int,
                   batch_size: int, progress: bool = True,
                   on_shard: Callable[[int, np.ndarray], None] | None = None) -> tuple[list[Path], dict]:
@@ -173,7 +195,9 @@ def encode_shards(texts: list[str], order: np.ndarray, encoder: Encoder, shard_d
     n, dim = len(order), encoder.dim
     n_shards = math.ceil(n / shard_size)
     paths, reused, encoded, seconds = [], 0, 0, 0.0
-    step = batch_size * 8  # encode calls this size: a progress update every few batches
+    # One encode call per batch: the call cannot re-sort across batches (sentence-transformers sorts a
+    # call's inputs by characters), so each batch is exactly a run of the token-length order.
+    step = batch_size
     with tqdm(total=n, unit="passage", desc="encode", disable=not progress, smoothing=0.1) as bar:
         for s in range(n_shards):
             rows = order[s * shard_size:(s + 1) * shard_size]
@@ -243,8 +267,7 @@ def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Enco
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(shard_dir / "key.json", {"corpus_hash": chash, **settings, "shard_size": cfg.shard_size,
                                         "order": SHARD_ORDER, "n_passages": len(df)})
-    # Longest first, ties by corpus row: deterministic, and the same batches as one big encode call.
-    order = np.lexsort((np.arange(len(texts)), -np.fromiter(map(len, texts), np.int64, len(texts))))
+    order = encode_order(texts, encoder, shard_dir / "order.npy")
     paths, stats = encode_shards(texts, order, encoder, shard_dir, cfg.shard_size, cfg.batch_size, progress,
                                  on_shard)
     reader = ShardReader(paths, order, cfg.shard_size, encoder.dim)

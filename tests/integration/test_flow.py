@@ -22,10 +22,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def jsonl_overrides(data: Path) -> list[str]:
+def jsonl_overrides(data: Path, eval_name: str = "eval.jsonl") -> list[str]:
     qa = [{"idx": i, "question": q, "answer": a} for i, (q, a) in enumerate(QA)]
     train = write_jsonl(data / "train.jsonl", qa[:2])
-    evals = write_jsonl(data / "eval.jsonl", qa[2:])
+    evals = data / eval_name
+    if not evals.exists():
+        write_jsonl(evals, qa[2:])
     corpus = write_jsonl(data / "corpus.jsonl", [{"title": t, "text": x} for t, x in PASSAGES])
     return [
         "prepare.source=jsonl",
@@ -65,15 +67,16 @@ def test_failing_dataset_stops_the_flow_and_keeps_previous_outputs(pipeline_env,
     assert (ws / "data" / "index" / "manifest.json").is_file()
     before = snapshot(ws)
 
-    # A corrupted input: line 3 of the eval file is not JSON.
-    with (data / "eval.jsonl").open("a", encoding="utf-8") as f:
-        f.write('{"idx": 9, "question": "broken\n')
-    state = searchrl_pipeline(overrides=overrides, stages=stages, return_state=True)
+    # A new eval file, corrupted: its line 3 is not JSON. (The input files are not DVC dependencies;
+    # pointing params at another file is what makes DVC rerun prepare.)
+    bad = data / "eval_v2.jsonl"
+    bad.write_text((data / "eval.jsonl").read_text() + '{"idx": 9, "question": "broken\n', encoding="utf-8")
+    state = searchrl_pipeline(overrides=jsonl_overrides(data, bad.name), stages=stages, return_state=True)
 
     assert state.is_failed()
     message = state.message + "\n" + str(state.result(raise_on_failure=False))
     assert "stage 'prepare' failed" in message
-    assert "eval.jsonl, line 3: malformed JSON" in message  # the stage's own error, not just an exit code
+    assert "eval_v2.jsonl, line 3: malformed JSON" in message  # the stage's own error, not just an exit code
     runs = task_runs(state.state_details.flow_run_id)
     assert [r.name for r in runs] == ["dvc-repro-prepare"]  # index never started
     assert runs[0].run_count == 1  # a user error is not retried (pipeline.retries=2)

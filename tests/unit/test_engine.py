@@ -197,3 +197,186 @@ def test_batched_equals_alone_with_scripts(tok):
         alone = run_rollouts(ScriptedBackend(tok, PP_SCRIPTS, proto.query_close), KeywordRetriever(CORPUS), proto,
                              [(i, q)], agent_cfg=cfg())[0]
         assert alone.to_dict() == together[i].to_dict()
+
+
+def test_assistant_prefix_may_open_the_query(tok):
+    from searchrl.agent.protocols import R1SearcherPP
+
+    class Forced(R1SearcherPP):
+        assistant_prefix = "<external>"
+
+    proto = Forced()
+    backend = ScriptedBackend(tok, {"Who founded Zorvath Inc?": ["Zorvath Inc founder</external>", "<answer>Mira</answer>"]},
+                              proto.query_close)
+    t = run_rollouts(backend, KeywordRetriever(CORPUS), proto, ["Who founded Zorvath Inc?"], agent_cfg=cfg())[0]
+    assert t.prompt_text.endswith("<external>") and t.queries == ["Zorvath Inc founder"]
+    assert t.finish_reason == "answered" and t.answer == "Mira"
+
+
+def test_stop_at_answer_false_lets_the_model_end(tok):
+    proto = get_protocol("r1searcher_pp")
+    scripts = {"Q?": ["<answer>Paris</answer> done.<<EOS>>"]}
+    t = run_rollouts(ScriptedBackend(tok, scripts, proto.query_close), KeywordRetriever(CORPUS), proto, ["Q?"],
+                     agent_cfg=cfg(stop_at_answer=False))[0]
+    assert t.finish_reason == "answered" and t.answer == "Paris" and t.completion_ids[-1] == tok.eos_token_id
+    t = run_rollouts(ScriptedBackend(tok, scripts, proto.query_close), KeywordRetriever(CORPUS), proto, ["Q?"],
+                     agent_cfg=cfg())[0]
+    assert t.completion_text == "<answer>Paris</answer>" and t.completion_ids[-1] != tok.eos_token_id
+
+
+# ----------------------------------------------------------------------------- HF backend (tiny model)
+@pytest.fixture(scope="module")
+def tiny(tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from searchrl.agent.backends import HFBackend
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(conf).eval()
+    return HFBackend(model, tok, batch_size=3)
+
+
+def _prompts(tok):
+    from searchrl.agent.backends import chat_prompt_ids
+
+    return [chat_prompt_ids(tok, "Be brief.", q) for q in
+            ["What is the capital of France?", "Who wrote Hamlet?", "Name a colour.", "2+2?", "Hi"]]
+
+
+def test_hf_greedy_matches_transformers_generate(tiny, tok):
+    import torch
+
+    p = _prompts(tok)[0]
+    ref = tiny.model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(p):].tolist()
+    g = tiny.generate([p], max_new_tokens=12)[0]
+    assert g.token_ids[: len(ref)] == ref[: len(g.token_ids)]
+
+
+def test_hf_batch_equals_single_with_stops_and_budgets(tiny, tok):
+    prompts = _prompts(tok)
+    free = tiny.generate(prompts, max_new_tokens=10)
+    # a stop string each row hits at a different step: the decode of one of its own tokens
+    stop = [decode(tok, [free[1].token_ids[3]]), decode(tok, [free[3].token_ids[6]])]
+    budgets = [10, 7, 10, 9, 4]
+    batch = tiny.generate(prompts, max_new_tokens=budgets, stop=stop)
+    assert {g.finish for g in batch} >= {"stop", "length"}
+    for p, b, g in zip(prompts, budgets, batch, strict=True):
+        one = tiny.generate([p], max_new_tokens=b, stop=stop)[0]
+        assert one.token_ids == g.token_ids and one.finish == g.finish and one.stop == g.stop
+        assert max(abs(x - y) for x, y in zip(one.logprobs, g.logprobs, strict=True)) < 1e-4
+        assert len(g.token_ids) <= b and g.text == decode(tok, g.token_ids)
+        if g.finish == "stop":
+            assert g.stop in g.text and g.stop not in decode(tok, g.token_ids[:-1])
+
+
+def test_hf_kv_reuse_session_gives_same_tokens(tiny, tok):
+    from searchrl.agent.backends import chat_prompt_ids
+
+    prompts = [chat_prompt_ids(tok, "You are a careful assistant. " * 8, q) for q in ["A?", "Bb?", "Who is C?"]]
+    env = encode(tok, "\n<document>\n(1) inserted text\n</document>\n")
+    free = tiny.generate(prompts, max_new_tokens=4)
+    stop = [decode(tok, [g.token_ids[2]]) for g in free]
+
+    def two_rounds(use_session: bool, reuse: bool):
+        tiny.kv_reuse = reuse
+        import contextlib
+
+        with tiny.session() if use_session else contextlib.nullcontext():
+            g1 = tiny.generate(prompts, max_new_tokens=6, stop=stop)
+            assert all(g.finish == "stop" for g in g1)
+            p2 = [p + g.token_ids + env for p, g in zip(prompts, g1, strict=True)]
+            return g1, tiny.generate(p2, max_new_tokens=6), dict(tiny.stats)
+
+    try:
+        a1, a2, _ = two_rounds(False, False)
+        tiny.stats = {k: 0 for k in tiny.stats}
+        b1, b2, st = two_rounds(True, True)
+    finally:
+        tiny.kv_reuse = True
+    assert [g.token_ids for g in a1] == [g.token_ids for g in b1]
+    assert [g.token_ids for g in a2] == [g.token_ids for g in b2]
+    assert st["reused_tokens"] > st["prefill_tokens"]  # round 2 ran only the env tokens
+
+
+def test_hf_sampling_logprobs_are_of_the_sampled_distribution(tiny, tok):
+    import torch
+
+    p = _prompts(tok)[1]
+    g = tiny.generate([p], max_new_tokens=5, temperature=0.7, seed=3)[0]
+    assert g.token_ids == tiny.generate([p], max_new_tokens=5, temperature=0.7, seed=3)[0].token_ids
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor([p + g.token_ids])).logits[0, len(p) - 1: -1].float()
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
+    assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    g = tiny.generate([p], max_new_tokens=5, temperature=1.0, top_p=0.5, seed=3)[0]
+    full = torch.log_softmax(tiny.model(torch.tensor([p + g.token_ids])).logits[0, len(p) - 1: -1].float(), -1)
+    full = full.gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0]
+    assert all(lp >= f - 1e-5 for lp, f in zip(g.logprobs, full.tolist(), strict=True))  # renormalised nucleus
+
+
+# ----------------------------------------------------------------------------- vLLM backend (fake engine)
+def test_vllm_backend_maps_outputs(tok, monkeypatch):
+    """No GPU here: a stand-in `vllm` module checks the SamplingParams we build and the output mapping."""
+    import sys
+    import types
+    from types import SimpleNamespace as NS
+
+    from searchrl.agent.backends import VLLMBackend
+
+    made = []
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            made.append(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    sys.modules["vllm"].SamplingParams = SamplingParams
+    q = encode(tok, "go <external>x</external>")
+    a = encode(tok, "done") + [tok.eos_token_id]
+
+    def out(ids, finish, reason):
+        return NS(outputs=[NS(token_ids=ids, logprobs=[{t: NS(logprob=-0.25)} for t in ids],
+                              finish_reason=finish, stop_reason=reason)])
+
+    class LLM:
+        def generate(self, prompts, params, use_tqdm=False):
+            assert prompts[0] == {"prompt_token_ids": [1, 2, 3]} and len(params) == 3
+            return [out(q, "stop", "</external>"), out(a, "stop", None), out(q[:2], "length", None)]
+
+    b = VLLMBackend("", llm=LLM(), tokenizer=tok)
+    gens = b.generate([[1, 2, 3], [4], [5]], max_new_tokens=[8, 8, 2], stop=["</external>", "</answer>"],
+                      temperature=1.0, top_p=0.9, seed=7)
+    assert [g.finish for g in gens] == ["stop", "eos", "length"] and gens[0].stop == "</external>"
+    assert gens[0].text == "go <external>x</external>" and gens[1].text == "done" and gens[1].token_ids == a
+    assert gens[0].logprobs == [-0.25] * len(q)
+    p = made[0]
+    assert p["include_stop_str_in_output"] and p["logprobs"] == 0 and p["stop"] == ["</external>", "</answer>"]
+    assert p["max_tokens"] == 8 and made[2]["max_tokens"] == 2 and p["top_p"] == 0.9 and p["temperature"] == 1.0
+    assert [m["seed"] for m in made] == [7, 8, 9] and tok.eos_token_id in p["stop_token_ids"]
+
+
+def test_make_backend_vllm_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    from searchrl.agent.backends import make_backend
+    from searchrl.config import PolicyCfg
+    from searchrl.errors import SearchRLError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(SearchRLError, match="agent.backend=hf"):
+        make_backend(PolicyCfg(), AgentCfg(backend="vllm"))
+
+
+def test_answer_closed_book(tok):
+    from searchrl.agent.backends import answer_closed_book, clean_short_answer
+
+    scripts = {"Capital of France?": ["Answer: Paris.\n\nMore text<<EOS>>"], "Who wrote Hamlet?": ['"Shakespeare"<<EOS>>']}
+    b = ScriptedBackend(tok, scripts, "</external>")
+    assert answer_closed_book(b, list(scripts), batch_size=1) == ["Paris", "Shakespeare"]
+    assert clean_short_answer("\n\n  The answer is 4.\nextra") == "The answer is 4"
+    assert clean_short_answer("U.S.") == "U.S"  # the metrics' normalisation drops punctuation anyway

@@ -1,0 +1,171 @@
+"""Rollout engine throughput: batched `run_rollouts` vs a one-question-at-a-time loop.
+
+    python bench/bench_rollout.py                      # 32 Knowledge World questions, SmolLM2-135M, CPU
+    python bench/bench_rollout.py --questions 8 --threads 1
+
+Both sides run the same engine, model (SmolLM2-135M-Instruct, HF backend, greedy), protocol,
+questions, retriever and caps; the only difference is how many rollouts share a batch:
+- batched:    one `run_rollouts` call over all questions (up to agent batch_size concurrent rows);
+- sequential: `run_rollouts` on one question at a time (batch of 1; still the same decode loop).
+Metric: generated model tokens per wall-clock second (env tokens not counted), and the share of the
+batched run's wall time spent inside `retriever.search`. Targets: >= 5x at 32 concurrent rollouts,
+retrieval < 10% of wall time.
+
+The untrained 135M policy almost never opens a query by itself, so by default the prompt ends with
+"<external>" (`--force-query`; the model writes the query, the engine retrieves and inserts the
+documents, the model continues): every rollout then has at least two segments and one retrieval
+round, the shape that matters for the engine. The retriever is the project's dense FAISS index
+(all-MiniLM-L6-v2, Flat) built over the Knowledge World corpus into a temp dir, behind the SQLite
+retrieval cache when available (`--retriever keyword` uses a tiny in-memory lexical one).
+
+The CPU is shared with other jobs: the sides run back to back (batched, sequential, batched again
+with `--repeats 2`) and the load average is recorded. Results: bench/results/rollout.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from searchrl.agent.backends import HFBackend  # noqa: E402
+from searchrl.agent.engine import RolloutStats, run_rollouts  # noqa: E402
+from searchrl.agent.protocols import get_protocol  # noqa: E402
+from searchrl.config import AgentCfg, KnowledgeWorldCfg, ProbeCfg  # noqa: E402
+
+
+def knowledge_world(n: int, seed: int):
+    from searchrl.data.knowledge_world import generate
+
+    cfg = KnowledgeWorldCfg(probe=ProbeCfg(enabled=False), n_train=max(8, n), n_eval=max(8, n), n_seen=0)
+    data = generate(cfg, seed)
+    qs = data.eval[:n]
+    if len(qs) < n:
+        qs += data.train[: n - len(qs)]
+    return qs, data.world.passages
+
+
+def make_retriever(kind: str, passages, workdir: Path):
+    if kind == "keyword":
+        from searchrl.agent.fakes import KeywordRetriever
+
+        return KeywordRetriever([(p.id, p.title, p.text) for p in passages]), "keyword (in-memory, idf overlap)"
+    from searchrl.config import IndexCfg
+    from searchrl.retrieval.index import build_index, load_index
+
+    cfg = IndexCfg()
+    build_index(passages, cfg, workdir / "index")
+    ret = load_index(workdir / "index", cfg)
+    desc = f"dense FAISS {cfg.factory} over {len(passages)} passages, encoder {cfg.encoder}"
+    try:
+        from searchrl.retrieval.cache import CachedRetriever
+
+        ret = CachedRetriever(ret, workdir / "cache.sqlite")
+        desc += ", SQLite retrieval cache (cold)"
+    except Exception as err:  # the cache's constructor may differ; the bench does not depend on it
+        logging.getLogger(__name__).info("retrieval cache not used: %s", err)
+    return ret, desc
+
+
+def run_side(backend, retriever, proto, questions, cfg, batched: bool) -> RolloutStats:
+    st = RolloutStats()
+    if batched:
+        run_rollouts(backend, retriever, proto, questions, n=1, temperature=0.0, agent_cfg=cfg, stats=st)
+    else:
+        for q in questions:
+            run_rollouts(backend, retriever, proto, [q], n=1, temperature=0.0, agent_cfg=cfg, stats=st)
+    return st
+
+
+def summary(st: RolloutStats) -> dict:
+    d = st.to_dict()
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--questions", type=int, default=32)
+    ap.add_argument("--protocol", default="r1searcher_pp", choices=["r1searcher_pp", "r1searcher"])
+    ap.add_argument("--force-query", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--retriever", default="dense", choices=["dense", "keyword"])
+    ap.add_argument("--max-segment-tokens", type=int, default=64)
+    ap.add_argument("--max-total-tokens", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--no-kv-reuse", action="store_true", help="disable the HF backend's prefix KV reuse")
+    ap.add_argument("--repeats", type=int, default=1, help="2 = batched, sequential, batched again")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions, passages = knowledge_world(args.questions, args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    retriever, ret_desc = make_retriever(args.retriever, passages, tmp)
+    backend = HFBackend.load("smollm2-135m-instruct", device="cpu", batch_size=max(32, args.questions),
+                             kv_reuse=not args.no_kv_reuse)
+    proto = get_protocol(args.protocol)
+    if args.force_query:
+        proto.assistant_prefix = proto.assistant_prefix + proto.query_open
+    cfg = AgentCfg(max_segment_tokens=args.max_segment_tokens, max_total_tokens=args.max_total_tokens,
+                   top_k=args.top_k, batch_size=max(32, args.questions))
+    # warm-up: one short rollout (first-call costs: kernels, tokenizer, encoder)
+    run_rollouts(backend, retriever, proto, questions[:1], agent_cfg=cfg.model_copy(update={"max_total_tokens": 16}))
+
+    runs = []
+    load = [os.getloadavg()[0]]
+    order = ["batched", "sequential"] + (["batched"] if args.repeats >= 2 else [])
+    for side in order:
+        t0 = time.perf_counter()
+        st = run_side(backend, retriever, proto, questions, cfg, batched=(side == "batched"))
+        runs.append({"side": side, "wall_s": round(time.perf_counter() - t0, 2), **summary(st),
+                     "load_avg_1m_after": round(os.getloadavg()[0], 2)})
+        print(f"{side:>10}: {st.generated_tokens} tokens in {st.wall_seconds:.1f}s = {st.tokens_per_second:.1f} tok/s, "
+              f"retrieval {100 * st.retrieval_share:.1f}% of wall, rounds {st.rounds}, finish {st.finish}", flush=True)
+        load.append(os.getloadavg()[0])
+    bat = [r for r in runs if r["side"] == "batched"]
+    seq = next(r for r in runs if r["side"] == "sequential")
+    bat_tps = sum(r["tokens_per_second"] for r in bat) / len(bat)
+    speedup = bat_tps / seq["tokens_per_second"] if seq["tokens_per_second"] else float("nan")
+    ret_share = sum(r["retrieval_share"] for r in bat) / len(bat)
+    result = {
+        "bench": "rollout",
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "load_avg_1m_during": [round(x, 2) for x in load]},
+        "setup": {"model": "smollm2-135m-instruct (float32, CPU)", "backend": "hf", "kv_reuse": not args.no_kv_reuse,
+                  "protocol": args.protocol, "force_query": args.force_query, "questions": len(questions),
+                  "question_source": "Knowledge World eval split (seed %d)" % args.seed, "retriever": ret_desc,
+                  "max_segment_tokens": cfg.max_segment_tokens, "max_total_tokens": cfg.max_total_tokens,
+                  "top_k": cfg.top_k, "temperature": 0.0},
+        "runs": runs,
+        "batched_tokens_per_s": round(bat_tps, 2),
+        "sequential_tokens_per_s": seq["tokens_per_second"],
+        "speedup": round(speedup, 2),
+        "retrieval_share_batched": round(ret_share, 4),
+        "targets": {"speedup": ">= 5", "retrieval_share": "< 0.10"},
+        "met": {"speedup": bool(speedup >= 5), "retrieval_share": bool(ret_share < 0.10)},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"speedup {speedup:.2f}x, retrieval share {100 * ret_share:.1f}% -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
