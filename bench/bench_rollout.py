@@ -151,7 +151,7 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "load_avg_1m_during": [round(x, 2) for x in load]},
         "setup": {"model": "smollm2-135m-instruct (float32, CPU)", "backend": "hf", "kv_reuse": not args.no_kv_reuse,
                   "protocol": args.protocol, "force_query": args.force_query, "questions": len(questions),
-                  "question_source": "Knowledge World eval split (seed %d)" % args.seed, "retriever": ret_desc,
+                  "question_source": f"Knowledge World eval split (seed {args.seed})", "retriever": ret_desc,
                   "max_segment_tokens": cfg.max_segment_tokens, "max_total_tokens": cfg.max_total_tokens,
                   "top_k": cfg.top_k, "temperature": 0.0},
         "runs": runs,

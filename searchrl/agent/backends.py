@@ -167,14 +167,30 @@ def _grow_cache(n_layers: int, capacity: int):
             self._views()
             return self.keys, self.values
 
-        def load(self, k_past, v_past):
-            """Start from past KV [B, H, P, D]."""
-            self.lazy_initialization(k_past, v_past)
-            self.n = 0
-            self._reserve(k_past.shape[-2], k_past, v_past)
-            self.kbuf[..., : k_past.shape[-2], :] = k_past
-            self.vbuf[..., : v_past.shape[-2], :] = v_past
-            self.n = k_past.shape[-2]
+        def load(self, rows, P: int):
+            """Start from reused KV: rows[j] = (K [H, >=c, D], V, c) or None; right-aligned at P, zeros
+            in front (masked out; zeros, not garbage, so 0-weight x value stays 0)."""
+            ref = next(r for r in rows if r is not None)
+            k0, v0 = ref[0], ref[1]
+            B, (H, _, D) = len(rows), k0.shape
+            self.lazy_initialization(k0, v0)
+            cap = max(P, capacity)
+            self.kbuf = k0.new_empty((B, H, cap, D))
+            self.vbuf = v0.new_empty((B, H, cap, D))
+            same = all(r is not None and r[0] is k0 and r[2] == P for r in rows)
+            if same:  # one shared prefix (round 1): a single broadcast copy
+                self.kbuf[:, :, :P] = k0[None, :, :P]
+                self.vbuf[:, :, :P] = v0[None, :, :P]
+            else:
+                for j, r in enumerate(rows):
+                    c = 0 if r is None else r[2]
+                    if c < P:
+                        self.kbuf[j, :, : P - c].zero_()
+                        self.vbuf[j, :, : P - c].zero_()
+                    if c:
+                        self.kbuf[j, :, P - c: P] = r[0][:, :c]
+                        self.vbuf[j, :, P - c: P] = r[1][:, :c]
+            self.n = P
             self._views()
 
         def get_seq_length(self) -> int:
@@ -454,15 +470,8 @@ class HFBackend:
             cache = _grow_cache(n_layers, P + S + max(budgets[r] for r in live))
             if P > 0:
                 for li, layer in enumerate(cache.layers):
-                    ref_k, ref_v = next(e for e, c in hits if e is not None and c > 0).kv[li]
-                    H, D = ref_k.shape[0], ref_k.shape[-1]
-                    kp = ref_k.new_zeros((Bl, H, P, D))
-                    vp = ref_v.new_zeros((Bl, H, P, D))
-                    for j, (e, c) in enumerate(hits):
-                        if c > 0:
-                            kp[j, :, P - c:, :] = e.kv[li][0][:, :c, :]
-                            vp[j, :, P - c:, :] = e.kv[li][1][:, :c, :]
-                    layer.load(kp, vp)
+                    layer.load([(e.kv[li][0], e.kv[li][1], c) if e is not None and c > 0 else None
+                                for e, c in hits], P)
                 if self._session is not None:  # a fully reused history is not needed again
                     for e, c in hits:
                         if e is not None and not e.shared and c == len(e.seq):

@@ -162,7 +162,6 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
                         _finish(proto, r, "length")
                     elif not act.query:
                         if proto.empty_query_fatal:
-                            r.traj.queries.append("")
                             _finish(proto, r, "malformed")
                         else:
                             notices.append(r)
@@ -191,6 +190,8 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
             for r, q in pending:
                 hits = list(hits_by_query[q])[: cfg.top_k]
                 _insert(r, proto.documents_text(hits, specials), q, [h.id for h in hits], tok, cfg, proto, st)
+            log.debug("round %d: %d rollouts generated, %d queries, %d still running", rnd, len(gens),
+                      len(pending), sum(not r.done for r in active))
             active = [r for r in active if not r.done]
             rnd += 1
         st.rounds += rnd

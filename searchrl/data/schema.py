@@ -41,8 +41,16 @@ class Passage:
     source: str = ""
 
     def contents(self) -> str:
-        """What the encoder and the agent see: title then text (R1-Searcher's KILT style)."""
-        return f"{self.title}\n{self.text}" if self.title else self.text
+        return passage_contents(self.title, self.text)
+
+
+def passage_contents(title: str, text: str) -> str:
+    """What the encoder and the agent see: title then text (R1-Searcher's KILT style).
+
+    Chunks made with `title_in_text` already start with their title; don't repeat it."""
+    if not title or text.startswith(title):
+        return text
+    return f"{title}\n{text}"
 
 
 def qa_frame(records: list[QARecord]) -> pd.DataFrame:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from searchrl.data.schema import passage_contents
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -14,7 +16,7 @@ class Hit:
     score: float
 
     def contents(self) -> str:
-        return f"{self.title}\n{self.text}" if self.title else self.text
+        return passage_contents(self.title, self.text)
 
 
 class Retriever(Protocol):

@@ -235,12 +235,15 @@ class ShardReader:
         self.pos[order] = np.arange(len(order))
 
     def rows(self, corpus_rows: np.ndarray) -> np.ndarray:
-        sorted_pos = self.pos[corpus_rows]
-        sid, off = np.divmod(sorted_pos, self.shard_size)
+        sid, off = np.divmod(self.pos[corpus_rows], self.shard_size)
         out = np.empty((len(corpus_rows), self.dim), dtype=np.float32)
-        for s in np.unique(sid):
-            mask = sid == s
-            out[mask] = self.shards[s][off[mask]]
+        if not len(sid):
+            return out
+        by = np.argsort(sid, kind="stable")  # group the requested rows by shard
+        starts = np.flatnonzero(np.r_[True, sid[by][1:] != sid[by][:-1]])
+        for a, b in zip(starts, [*starts[1:], len(by)], strict=True):
+            sel = by[a:b]
+            out[sel] = self.shards[sid[sel[0]]][off[sel]]
         return out
 
     def chunks(self, size: int = ADD_CHUNK) -> Iterator[np.ndarray]:
@@ -260,6 +263,10 @@ def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Enco
     texts = contents(df)
     encoder = encoder or Encoder.from_cfg(cfg)
     settings = encoder.settings()
+    wanted = {"encoder": canonical_name(cfg.encoder), "normalize": cfg.normalize,
+              "query_instruction": cfg.query_instruction, "passage_prefix": cfg.passage_prefix}
+    if any(settings[k] != v for k, v in wanted.items()):
+        raise ValueError(f"the encoder passed to build_index ({settings}) does not match the index params {wanted}")
     faiss_index = _new_faiss_index(encoder.dim, cfg.factory)  # a bad factory fails before encoding
     key = stable_hash({"corpus_hash": chash, **settings, "shard_size": cfg.shard_size, "order": SHARD_ORDER})
     work = work_dir_for(cfg, out_dir)

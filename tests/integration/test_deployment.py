@@ -62,7 +62,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """A real Prefect server on a free port with its own PREFECT_HOME; yields (api_url, env)."""
+    """A real Prefect server on a free port with its own PREFECT_HOME; yields (api_url, env, log)."""
     port = free_port()
     env = {**os.environ, **pipeline_env_vars(tmp_path)}
     env.pop("PREFECT_API_URL", None)
@@ -72,7 +72,7 @@ def prefect_server(tmp_path):
     try:
         wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180,
                    "prefect server", proc, log)
-        yield api, {**env, "PREFECT_API_URL": api}
+        yield api, {**env, "PREFECT_API_URL": api}, log
     finally:
         stop(proc)
 
@@ -83,7 +83,7 @@ def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api, env = prefect_server
+    api, env, server_log = prefect_server
     log = tmp_path / "serve.log"
     serve = start([sys.executable, "-m", "flows.deploy", "--cron", CRON, "--preset", "configs/smoke.yaml",
                    "--stages", "prepare", "--set", "prepare.knowledge_world.probe.enabled=false"], env, log)
@@ -109,7 +109,8 @@ def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
                         id=DeploymentFilterId(any_=[deployment.id])))
                 return [r for r in runs if r.state and r.state.is_scheduled()]
 
-            upcoming = wait_until(scheduled, 90, "scheduled runs")
+            upcoming = wait_until(scheduled, 90, "scheduled runs (the server's scheduler service)",
+                                  log=server_log)
             for r in upcoming:
                 start_at = r.expected_start_time.astimezone(UTC)
                 assert (start_at.isoweekday(), start_at.hour, start_at.minute) == (7, 3, 0), start_at

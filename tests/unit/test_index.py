@@ -360,3 +360,30 @@ def test_index_stage_writes_index_and_metrics(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "reports/index/metrics.json").read_text())
     assert metrics["passages"] == len(FACTS) and metrics["dim"] == 384 and metrics["passages_per_s"] > 0
     assert read_manifest(tmp_path / "data/index")["n_passages"] == len(FACTS)
+
+
+# ----------------------------------------------------------------------------- encode order + shard reader
+def test_shard_reader_returns_corpus_order(tmp_path):
+    rng = np.random.default_rng(0)
+    n, size, dim = 300, 64, 8
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    order = rng.permutation(n)
+    paths = []
+    for s, a in enumerate(range(0, n, size)):
+        paths.append(tmp_path / f"shard-{s:05d}.npy")
+        np.save(paths[-1], emb[order[a:a + size]])
+    reader = ix.ShardReader(paths, order, size, dim)
+    assert np.array_equal(np.concatenate(list(reader.chunks(100))), emb)
+    picks = rng.choice(n, 50, replace=False)
+    assert np.array_equal(reader.rows(picks), emb[picks])
+    assert reader.rows(np.array([], dtype=np.int64)).shape == (0, dim)
+
+
+@pytest.mark.slow
+def test_encode_order_is_longest_first_by_tokens_and_cached(encoder, tmp_path):
+    texts = [x for _, x in FACTS]
+    order = ix.encode_order(texts, encoder, tmp_path / "order.npy")
+    lengths = encoder.token_lengths(texts)
+    assert sorted(order.tolist()) == list(range(len(texts)))
+    assert (np.diff(lengths[order]) <= 0).all()
+    assert np.array_equal(np.load(tmp_path / "order.npy"), order)

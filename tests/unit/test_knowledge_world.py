@@ -270,3 +270,12 @@ def test_world_generation_with_probe_uses_one_batched_call(tmp_path):
     assert len(calls) == 1 and len(calls[0]) == 4 * len(kw.COUNTRIES)
     kw.generate(c, seed=0, answer_fn=capital_only_oracle(calls), model_name="fake")
     assert len(calls) == 1  # cached
+
+
+def test_real_fact_aliases_never_repeat_the_country():
+    for c in kw.COUNTRIES:
+        names = {a.lower() for a in c.aliases}
+        for relation in kw.REAL_RELATIONS:
+            values = c.fact(relation)
+            assert values and not names & {v.lower() for v in values}, (c.name, relation)
+            assert not any(v.isupper() and len(v) == 3 for v in values), (c.name, relation)  # no ISO codes

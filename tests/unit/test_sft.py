@@ -35,6 +35,14 @@ def smol():
 
 
 @pytest.fixture(scope="module")
+def gpt2():
+    """GPT-2's byte-level BPE without a chat template (the agent tests' second tokenizer)."""
+    from tests.integration.test_rollout_real_tokenizers import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def minilm():
     """The second real tokenizer: WordPiece (BERT), no chat template, lower-cases: nothing like BPE."""
     from transformers import AutoTokenizer
@@ -55,7 +63,7 @@ def completion_mask(example: dict, n_prompt: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- masking (golden)
-@pytest.mark.parametrize("which", ["smol", "minilm"])
+@pytest.mark.parametrize("which", ["smol", "gpt2", "minilm"])
 @pytest.mark.parametrize("protocol", [PP, R1], ids=["pp", "r1"])
 def test_labels_mask_equals_env_mask(which, protocol, request):
     tok = request.getfixturevalue(which)
@@ -74,21 +82,31 @@ def test_labels_mask_equals_env_mask(which, protocol, request):
     assert len(traj.env_mask) - sum(traj.env_mask) == len(encode(tok, ENV))
 
 
-def test_masked_tokens_are_exactly_the_inserted_documents(smol):
-    """A real rollout (agent loop, real retriever over passages, SmolLM2 tokens): the unmasked tokens
-    decode to the model's text, the masked ones to the inserted document blocks, in order."""
+R1_MODEL_1 = " I need the country.<|begin_of_query|>Zorblat Holdings founded<|end_of_query|>"
+R1_MODEL_2 = "It was founded in France, whose capital is Paris.</think>\n<answer>Paris</answer>"
+
+
+@pytest.mark.parametrize("which", ["smol", "gpt2"])
+@pytest.mark.parametrize("protocol", [PP, R1], ids=["pp", "r1"])
+def test_masked_tokens_are_exactly_the_inserted_documents(which, protocol, request):
+    """A real rollout (agent loop, a real retriever over passages, the tokenizer's own ids): the
+    unmasked tokens decode to the model's text, the masked ones to the inserted document blocks."""
+    tok = request.getfixturevalue(which)
     ret = KeywordRetriever([("p-zo", "Zorblat Holdings", "Zorblat Holdings was founded in 1901 in France."),
                             ("p-fr", "France", "France is a country in Europe. Its capital city is Paris.")])
-    backend = ScriptedBackend(smol, {Q: [MODEL_1, MODEL_2]}, PP.query_close)
-    traj = run_rollouts(backend, ret, PP, [("q0", Q)], agent_cfg=AgentCfg(top_k=2))[0]
-    assert [s.role for s in traj.segments] == ["model", "env", "model"]
+    script = [MODEL_1, MODEL_2] if protocol is PP else [R1_MODEL_1, R1_MODEL_2]
+    backend = ScriptedBackend(tok, {Q: script}, protocol.query_close)
+    traj = run_rollouts(backend, ret, protocol, [("q0", Q)], agent_cfg=AgentCfg(top_k=2))[0]
+    assert [s.role for s in traj.segments] == ["model", "env", "model"] and traj.finish_reason == "answered"
     ex = sft.sft_example(traj)
     n = len(traj.prompt_ids)
-    kept = [t for t, m in zip(ex["input_ids"][n:], completion_mask(ex, n), strict=True) if m]
-    dropped = [t for t, m in zip(ex["input_ids"][n:], completion_mask(ex, n), strict=True) if not m]
-    assert decode(smol, kept) == traj.model_text == MODEL_1 + MODEL_2
-    assert decode(smol, dropped) == traj.segments[1].text and "<document>" in traj.segments[1].text
-    assert completion_mask(ex, n) == traj.env_mask
+    mask = completion_mask(ex, n)
+    assert mask == traj.env_mask
+    kept = [t for t, m in zip(ex["input_ids"][n:], mask, strict=True) if m]
+    dropped = [t for t, m in zip(ex["input_ids"][n:], mask, strict=True) if not m]
+    assert decode(tok, kept) == traj.model_text == "".join(script)
+    assert decode(tok, dropped) == traj.segments[1].text and protocol.doc_open in traj.segments[1].text
+    assert not protocol.validate(traj)
 
 
 def test_policy_ids_are_kept_exactly_and_others_retokenised(smol):
