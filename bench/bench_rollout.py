@@ -67,29 +67,25 @@ def make_retriever(kind: str, passages, workdir: Path):
     cfg = IndexCfg()
     build_index(passages, cfg, workdir / "index")
     ret = load_index(workdir / "index", cfg)
-    desc = f"dense FAISS {cfg.factory} over {len(passages)} passages, encoder {cfg.encoder}"
-    try:
-        from searchrl.retrieval.cache import CachedRetriever
-
-        ret = CachedRetriever(ret, workdir / "cache.sqlite")
-        desc += ", SQLite retrieval cache (cold)"
-    except Exception as err:  # the cache's constructor may differ; the bench does not depend on it
-        logging.getLogger(__name__).info("retrieval cache not used: %s", err)
-    return ret, desc
+    # no retrieval cache: every query pays for encoding + search, as on a cold cache
+    return ret, f"dense FAISS {cfg.factory} over {len(passages)} passages, encoder {cfg.encoder}, no cache"
 
 
-def run_side(backend, retriever, proto, questions, cfg, batched: bool) -> RolloutStats:
+def run_side(backend, retriever, proto, questions, cfg, batched: bool) -> tuple[RolloutStats, dict]:
     st = RolloutStats()
+    before = dict(backend.stats)
     if batched:
         run_rollouts(backend, retriever, proto, questions, n=1, temperature=0.0, agent_cfg=cfg, stats=st)
     else:
         for q in questions:
             run_rollouts(backend, retriever, proto, [q], n=1, temperature=0.0, agent_cfg=cfg, stats=st)
-    return st
+    return st, {k: backend.stats[k] - before[k] for k in ("decode_steps", "prefill_tokens", "reused_tokens")}
 
 
-def summary(st: RolloutStats) -> dict:
+def summary(st: RolloutStats, bk: dict) -> dict:
     d = st.to_dict()
+    d.update(bk)
+    d["mean_batch_occupancy"] = st.generated_tokens / bk["decode_steps"] if bk["decode_steps"] else 0.0
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
 
 
@@ -132,8 +128,8 @@ def main() -> None:
     order = ["batched", "sequential"] + (["batched"] if args.repeats >= 2 else [])
     for side in order:
         t0 = time.perf_counter()
-        st = run_side(backend, retriever, proto, questions, cfg, batched=(side == "batched"))
-        runs.append({"side": side, "wall_s": round(time.perf_counter() - t0, 2), **summary(st),
+        st, bk = run_side(backend, retriever, proto, questions, cfg, batched=(side == "batched"))
+        runs.append({"side": side, "wall_s": round(time.perf_counter() - t0, 2), **summary(st, bk),
                      "load_avg_1m_after": round(os.getloadavg()[0], 2)})
         print(f"{side:>10}: {st.generated_tokens} tokens in {st.wall_seconds:.1f}s = {st.tokens_per_second:.1f} tok/s, "
               f"retrieval {100 * st.retrieval_share:.1f}% of wall, rounds {st.rounds}, finish {st.finish}", flush=True)

@@ -21,16 +21,13 @@ import sys
 
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
+from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
 from flows.pipeline import searchrl_pipeline
 from searchrl.config import load_params, project_root
 from searchrl.errors import ConfigError
 from searchrl.workspace import resolve_preset
-
-
-def deployment_parameters(preset: str | None, overrides: list[str], stages: list[str] | None) -> dict:
-    return {"preset": preset, "overrides": list(overrides), "stages": list(stages) if stages else None}
 
 
 def schedule_cron(preset: str | None, overrides: list[str], cron: str | None) -> str:
@@ -49,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (default: all)")
     ap.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
     args = ap.parse_args(argv)
+    if not get_current_settings().api.url:
+        print("error: no Prefect server: start one (`prefect server start`) and export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api; the temporary local server has no scheduler",
+              file=sys.stderr)
+        return 2
     try:
         cron = schedule_cron(args.preset, args.overrides, args.cron)
         schedule = CronSchedule(cron=cron, timezone=args.timezone)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     searchrl_pipeline.serve(
         name=args.name,
         schedules=[schedule],
-        parameters=deployment_parameters(args.preset, args.overrides, args.stages),
+        parameters={"preset": args.preset, "overrides": args.overrides, "stages": args.stages},
         description=f"searchrl scheduled retraining ({args.preset or 'params.yaml'}, cron '{cron}')",
         tags=["searchrl", "retrain"],
         limit=1,  # one pipeline run at a time: DVC locks the workspace

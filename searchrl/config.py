@@ -278,7 +278,7 @@ class RlPhaseCfg(Section):
 class RlCfg(Section):
     """RL for dynamic knowledge acquisition (searchrl/training/rl.py)."""
 
-    init: str = "models/sft"  # model dir, embedded alias or hub id
+    init: str = "models/sft"  # model dir, embedded alias, hub id, or "policy" (= policy.model)
     protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
     estimator: Literal["reinforce_pp_baseline", "grpo"] = "reinforce_pp_baseline"
     reward: RewardCfg = RewardCfg()
@@ -364,21 +364,24 @@ class Params(Section):
         """The effective RlCfg of the main run (None) or of `rl_ablations[ablation]`, with its own
         out_dir (<rl.out_dir>_<name>); a bad overlay raises ValueError naming the key."""
         if ablation is None:
-            return self.rl
+            return self._with_init(self.rl)
         if ablation not in self.rl_ablations:
             known = ", ".join(self.rl_ablations) or "none"
             raise ValueError(f"rl_ablations: no ablation named '{ablation}' (known: {known})")
         overlay = self.rl_ablations[ablation]
         fixed = sorted(set(overlay) & {"out_dir", "checkpoint_dir", "metrics_dir"})
         if fixed:
-            raise ValueError(f"'{fixed[0]}' is derived from the rl section (<rl.{fixed[0]}>_<name>), not set "
-                             f"per ablation")
+            raise ValueError(f"'{fixed[0]}' is derived from the rl section, not set per ablation")
         merged = deep_merge(self.rl.model_dump(mode="json"), overlay)
         merged["out_dir"] = f"{self.rl.out_dir}_{ablation}"
         try:
-            return RlCfg.model_validate(merged)
+            return self._with_init(RlCfg.model_validate(merged))
         except ValidationError as err:
             raise ValueError(_format_error(err, "", root=RlCfg).removeprefix(": ")) from None
+
+    def _with_init(self, cfg: RlCfg) -> RlCfg:
+        """`init: policy` starts RL from policy.model (R1-Searcher's recipe has no SFT)."""
+        return cfg.model_copy(update={"init": self.policy.model}) if cfg.init == "policy" else cfg
 
     @model_validator(mode="after")
     def _check_rl(self) -> Params:

@@ -24,8 +24,16 @@ log = logging.getLogger("searchrl.evaluate")
 AGENT_METHODS = {"agent_r1searcher_pp": "r1searcher_pp", "agent_r1searcher": "r1searcher"}
 
 
-def trained_model_dir(params: Params, method: str) -> str:
-    return {"sft": params.sft.out_dir, "rl": params.rl.out_dir}[method]
+def is_trained(method: str) -> bool:
+    return method == "sft" or method == "rl" or method.startswith("rl_")
+
+
+def trained_model(params: Params, method: str) -> tuple[str, str]:
+    """(model dir, protocol it was trained with) of `sft`, `rl` or `rl_<ablation>`."""
+    if method == "sft":
+        return params.sft.out_dir, params.agent.protocol
+    cfg = params.rl_config(None if method == "rl" else method.removeprefix("rl_"))
+    return cfg.out_dir, cfg.protocol
 
 
 def evaluate(params: Params) -> None:
@@ -44,9 +52,9 @@ def evaluate(params: Params) -> None:
     base = make_backend(params.policy, params.agent)
     preds: list[evaluation.Prediction] = []
     for method in cfg.methods:
-        if method in ("sft", "rl"):
-            policy = params.policy.model_copy(update={"model": trained_model_dir(params, method)})
-            backend, protocol = make_backend(policy, params.agent), "r1searcher_pp"
+        if is_trained(method):
+            model_dir, protocol = trained_model(params, method)
+            backend = make_backend(params.policy.model_copy(update={"model": model_dir}), params.agent)
         else:
             backend, protocol = base, AGENT_METHODS.get(method)
         log.info("evaluate: %s on %d questions", method, len(records))
@@ -62,7 +70,7 @@ def evaluate(params: Params) -> None:
                                          agent_cfg, method, params.seed)
         log.info("evaluate: %s done in %.1fs (%.2f questions/s)", method, secs, len(records) / max(secs, 1e-9))
         preds.extend(out)
-        if seen and method in ("direct", "sft", "rl"):  # closed-book on facts seen in training
+        if seen and (method == "direct" or is_trained(method)):  # closed-book on facts seen in training
             closed = evaluation.predict_direct(backend, seen, cfg.max_new_tokens, cfg.batch_size)
             for p in closed:
                 p.dataset, p.method = f"{p.dataset}_seen", f"{method}_closed_book"

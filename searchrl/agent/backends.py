@@ -333,8 +333,10 @@ class HFBackend:
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        # decode_steps: forward passes that each sample one token for every row still in the batch,
+        # so generated_tokens / decode_steps is the mean batch occupancy.
         self.stats = {"calls": 0, "generated_tokens": 0, "prompt_tokens": 0, "prefill_tokens": 0,
-                      "reused_tokens": 0, "seconds": 0.0}
+                      "reused_tokens": 0, "decode_steps": 0, "seconds": 0.0}
         self._session: _PrefixStore | None = None
         self._continue_stops: set[str] | None = None
 
@@ -483,6 +485,7 @@ class HFBackend:
             next_pos = pos[:, -1] + 1
             rows = list(live)
             while True:
+                self.stats["decode_steps"] += 1
                 tok, lp = self._sample(logits, temperature, top_p, gen)
                 tok_l, lp_l = tok.tolist(), lp.tolist()
                 keep = []

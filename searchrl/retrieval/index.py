@@ -10,8 +10,8 @@ An index directory (published atomically, so a failed build leaves the previous 
 
 Dense builds encode in resumable shards. Passages are sorted by token count (longest first) and cut
 into shards of `shard_size`, each encoded one batch per call, so a batch pads to almost nothing
-(sentence-transformers sorts one call's inputs by characters, which pads 1.4x more on real
-paragraphs: see `encode_order`). Each finished shard is saved as .npy under `<out_dir>.work/<key>/`,
+(sentence-transformers sorts one call's inputs by characters, which pads to 1.44x the real tokens
+on real paragraphs: see `encode_order`). Each finished shard is saved as .npy under `<out_dir>.work/<key>/`,
 key = corpus hash + encoder settings. An interrupted build resumes and
 skips finished shards; with `keep_embeddings` a later build with another factory (Flat -> HNSW ->
 IVF-PQ) re-encodes nothing. Vectors reach faiss in chunks read from the memory-mapped shards, so the
@@ -166,8 +166,9 @@ def encode_order(texts: list[str], encoder: Encoder, cache: Path | None = None) 
     """Corpus rows longest first by *token* count (ties by row), cached next to the shards.
 
     A batch is padded to its longest member. sentence-transformers sorts by characters, a loose proxy
-    for tokens here (a run of 128 passages of ~600 characters spans 100 to 220 tokens): on the ~55k
-    benchmark paragraphs character order costs 1.44 padded tokens per real token, token order 1.02."""
+    for tokens (a run of 128 passages of ~600 characters spans 100 to 220 tokens): on the ~55k
+    benchmark paragraphs, batches in character order run 1.44 tokens per real token, in token order
+    1.002 (bench/results/index_build.json, "padding")."""
     if cache is not None and cache.is_file():
         order = np.load(cache)
         if len(order) == len(texts) and np.array_equal(np.sort(order), np.arange(len(texts))):

@@ -375,16 +375,15 @@ def _grpo_trainer_class():
             return adv.to(mask.device), kl
 
         def _old_and_ref_logps(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-            """log pi_old: TRL's old logps when it computed them (vLLM), else the sampling logprobs, which
-            are exactly pi_old's when the live policy sampled without top-p; log pi_ref: the frozen model."""
+            """log pi_old and log pi_ref of the sampled tokens, both from the trainer's own forward pass
+            (TRL's old logps when it computed them). Not the sampler's logprobs: at step 1 pi_old = pi_ref
+            must give a KL of exactly 0, or whitening would blow numerical noise up to unit advantages."""
             input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
             attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
             width = out["completion_ids"].size(1)
             bs = self.args.per_device_train_batch_size
             with torch.no_grad():
                 old = out.get("old_per_token_logps")
-                if old is None and not self.use_vllm and self.rl_cfg.top_p >= 1.0:
-                    old = out.get("sampling_per_token_logps")
                 if old is None:
                     old, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width, bs)
                 ref, _, _ = self._get_per_token_logps_and_entropies(self.rpp_ref_model, input_ids, attention, width, bs)
