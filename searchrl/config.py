@@ -63,6 +63,10 @@ class AgentCfg(Section):
     # HF backend: reuse the KV of each rollout's history across retrieval rounds (and of the shared
     # system prompt) instead of recomputing it; same outputs, less compute.
     kv_reuse: bool = True
+    # HF backend: generate in time slices of this many tokens (0 = off). A rollout that stopped on a
+    # query gets its documents at the end of the slice and rejoins the batch, instead of waiting for
+    # the longest segment of the round; same tokens, fewer decode steps.
+    slice_tokens: int = Field(16, ge=0)
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     vllm_max_model_len: int = Field(0, ge=0)  # 0 = the model's own context length
 
@@ -312,13 +316,13 @@ class RlCfg(Section):
     @model_validator(mode="after")
     def _check(self) -> RlCfg:
         if self.memorization and self.protocol != "r1searcher_pp":
-            raise ValueError("rl.memorization: the memorization loss rewrites into <internal> steps, which only "
-                             "the r1searcher_pp protocol has (set memorization: false)")
+            raise ValueError("rl.memorization: the memorization loss rewrites into <internal> steps, which "
+                             "only the r1searcher_pp protocol has (set memorization: false)")
         for ph in (p.reward for p in self.run_phases()):
             if (ph.kind == "r1searcher_pp") != (self.protocol == "r1searcher_pp"):
                 raise ValueError(f"rl.reward.kind '{ph.kind}' does not fit rl.protocol '{self.protocol}' "
-                                 "(r1searcher_pp rewards need the r1searcher_pp protocol, R1-Searcher rewards the "
-                                 "r1searcher protocol)")
+                                 "(r1searcher_pp rewards need the r1searcher_pp protocol, R1-Searcher rewards "
+                                 "the r1searcher protocol)")
         return self
 
     def run_phases(self) -> list[RlPhaseCfg]:
@@ -395,8 +399,8 @@ class Params(Section):
                 raise ValueError(f"rl_ablations.{name}: {err}") from None
         for method in self.evaluate.methods:
             if method not in EVAL_METHODS and method.removeprefix("rl_") not in self.rl_ablations:
-                raise ValueError(f"evaluate.methods: unknown method '{method}' (known: {', '.join(EVAL_METHODS)}"
-                                 f", or rl_<name> for a name in rl_ablations)")
+                raise ValueError(f"evaluate.methods: unknown method '{method}' (known: "
+                                 f"{', '.join(EVAL_METHODS)}, or rl_<name> for a name in rl_ablations)")
         return self
 
     @model_validator(mode="after")

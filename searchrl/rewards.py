@@ -72,7 +72,8 @@ def group_rewards(correct: Sequence[bool], retrievals: Sequence[int], form: str 
                   std: str = "population", clip: float = 2.0) -> list[float]:
     """R_group for the rollouts of ONE question (aligned lists)."""
     if len(correct) != len(retrievals):
-        raise ValueError(f"group_rewards: {len(correct)} correctness flags for {len(retrievals)} retrieval counts")
+        raise ValueError(f"group_rewards: {len(correct)} correctness flags for {len(retrievals)} "
+                         f"retrieval counts")
     counts = [int(t) for c, t in zip(correct, retrievals, strict=True) if c]
     if not counts:
         return [0.0] * len(correct)

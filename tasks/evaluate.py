@@ -80,6 +80,7 @@ def evaluate(params: Params) -> None:
     validate_frame(frame, "predictions", "eval_predictions")
     metrics = evaluation.summarize(preds)
     publish(Path(cfg.out_dir), frame, metrics)
+    rl_curves(params, Path(cfg.out_dir) / "rl_curves.png")
     tracking.log_metrics(tracking.flatten(metrics))
     tracking.log_artifact(cfg.out_dir)
     print(evaluation.markdown_table(metrics))
@@ -93,6 +94,16 @@ def publish(out_dir: Path, frame: pd.DataFrame, metrics: dict) -> None:
     write_json(out_dir / "metrics.json", metrics)
     with atomic_path(out_dir / "table.md") as tmp:
         tmp.write_text(evaluation.markdown_table(metrics) + "\n", encoding="utf-8")
+
+
+def rl_curves(params: Params, out: Path) -> None:
+    """The training curves of every evaluated RL model in one figure (from reports/rl/<run>/log.csv;
+    empty panels when no RL model is evaluated, so the DVC plot output always exists)."""
+    from searchrl.training.curves import plot_curves, read_log
+
+    logs = {m: Path(params.rl.metrics_dir) / m / "log.csv" for m in params.evaluate.methods
+            if is_trained(m) and m != "sft"}
+    plot_curves({m: read_log(path) for m, path in logs.items() if path.exists()}, out)
 
 
 def main() -> None:

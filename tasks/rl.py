@@ -37,7 +37,8 @@ def rl(params: Params, ablation: str | None) -> None:
     key = run_key(ablation)
     metrics = train_rl(params, ablation, mlflow_log=tracking.log_metrics)
     tracking.log_metrics({f"final.{k}": v for k, v in metrics["last5"].items() if v is not None})
-    tracking.log_metrics({"final.steps": metrics["steps"], "final.steps_per_hour": metrics["steps_per_hour"] or 0})
+    tracking.log_metrics({"final.steps": metrics["steps"],
+                          "final.steps_per_hour": metrics["steps_per_hour"] or 0})
     tracking.log_artifact(f"{cfg.metrics_dir}/{key}")
     version = tracking.log_model_dir(cfg.out_dir, params.tracking.registered_model, alias=key)
     log.info("rl: %s -> %s (registered %s v%s @%s)", key, cfg.out_dir, params.tracking.registered_model,
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from searchrl.training.rl import run_name
 
     run_stage("rl" if ablation is None else f"rl@{ablation}", lambda p: rl(p, ablation),
-              inputs=["data/prepared/train.parquet", "data/sft/difficulty.parquet", "data/index", "models/sft"],
+              inputs=["data/prepared/train.parquet", "data/sft/difficulty.parquet", "data/index",
+                      "models/sft"],
               run_name=lambda p: run_name(effective(p, ablation).rl, ablation),
               tracked=lambda p: effective(p, ablation))
 

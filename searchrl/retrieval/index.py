@@ -8,14 +8,14 @@ An index directory (published atomically, so a failed build leaves the previous 
     manifest.json       encoder + settings, corpus hash, n_passages, sha256 and size of every file,
                         build seconds and passages/s
 
-Dense builds encode in resumable shards. Passages are sorted by token count (longest first) and cut
-into shards of `shard_size`, each encoded one batch per call, so a batch pads to almost nothing
-(sentence-transformers sorts one call's inputs by characters, which pads to 1.44x the real tokens
-on real paragraphs: see `encode_order`). Each finished shard is saved as .npy under `<out_dir>.work/<key>/`,
-key = corpus hash + encoder settings. An interrupted build resumes and
-skips finished shards; with `keep_embeddings` a later build with another factory (Flat -> HNSW ->
-IVF-PQ) re-encodes nothing. Vectors reach faiss in chunks read from the memory-mapped shards, so the
-build never holds the embeddings twice.
+Dense builds encode in resumable shards. Passages are sorted by token count (longest first), cut
+into shards of `shard_size` and encoded one batch per call, so batches carry almost no padding
+(sentence-transformers sorts one call's inputs by characters: 1.44 tokens run per real token on real
+paragraphs, see `encode_order`). Each finished shard is saved as .npy under `<out_dir>.work/<key>/`,
+key = hash of the encoded texts + encoder settings. An interrupted build resumes and skips finished
+shards; with `keep_embeddings` a later build with another factory (Flat -> HNSW -> IVF-PQ)
+re-encodes nothing. Vectors reach faiss in chunks read from the memory-mapped shards, so the build
+never holds the embeddings twice.
 
 `load_index(dir)` checks the files against the manifest (sizes always; sha256 too up to 1 GiB or with
 verify="full") and the encoder against the fingerprint it was built with: anything off raises
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from searchrl.data.schema import PASSAGE_COLUMNS, Passage, passage_frame
+from searchrl.data.schema import PASSAGE_COLUMNS, Passage, passage_contents, passage_frame
 from searchrl.errors import ConfigError, IndexCorruptedError, InputError
 from searchrl.io import atomic_path, sha256_file, stable_hash, write_json
 from searchrl.retrieval.base import Hit
@@ -93,9 +93,18 @@ def read_passages(corpus: str | os.PathLike | pd.DataFrame | list[Passage]) -> p
 
 
 def contents(df: pd.DataFrame) -> list[str]:
-    """What is encoded / tokenised: 'title\\ntext' (R1-Searcher's KILT style), or text without a title."""
-    title, text = df["title"], df["text"]
-    return (title + "\n" + text).where(title != "", text).tolist()
+    """What is encoded / tokenised, as the agent sees it: `searchrl.data.schema.passage_contents`."""
+    return [passage_contents(t, x) for t, x in zip(df["title"], df["text"], strict=True)]
+
+
+def texts_hash(texts: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]
 
 
 def corpus_hash(df: pd.DataFrame) -> str:
@@ -269,12 +278,12 @@ def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Enco
     if any(settings[k] != v for k, v in wanted.items()):
         raise ValueError(f"the encoder passed to build_index ({settings}) does not match the index params {wanted}")
     faiss_index = _new_faiss_index(encoder.dim, cfg.factory)  # a bad factory fails before encoding
-    key = stable_hash({"corpus_hash": chash, **settings, "shard_size": cfg.shard_size, "order": SHARD_ORDER})
-    work = work_dir_for(cfg, out_dir)
-    shard_dir = work / key
+    # The shards are keyed by the exact texts encoded (not only the corpus), the encoder settings and
+    # the shard layout: anything else gets fresh shards.
+    key_fields = {"texts_hash": texts_hash(texts), **settings, "shard_size": cfg.shard_size, "order": SHARD_ORDER}
+    shard_dir = work_dir_for(cfg, out_dir) / stable_hash(key_fields)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json(shard_dir / "key.json", {"corpus_hash": chash, **settings, "shard_size": cfg.shard_size,
-                                        "order": SHARD_ORDER, "n_passages": len(df)})
+    write_json(shard_dir / "key.json", {**key_fields, "corpus_hash": chash, "n_passages": len(df)})
     order = encode_order(texts, encoder, shard_dir / "order.npy")
     paths, stats = encode_shards(texts, order, encoder, shard_dir, cfg.shard_size, cfg.batch_size, progress,
                                  on_shard)

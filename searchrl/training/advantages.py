@@ -27,7 +27,8 @@ import torch
 def group_baseline(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """r - mean of its group of `group_size` consecutive entries."""
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards: expected shape (B,) with B a multiple of {group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards: expected shape (B,) with B a multiple of {group_size}, "
+                         f"got {tuple(rewards.shape)}")
     grouped = rewards.view(-1, group_size)
     return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
 

@@ -11,9 +11,9 @@ import csv
 import os
 from pathlib import Path
 
-PANELS = (("reward", "training reward"), ("format_valid", "format-valid rate"), ("correct", "correct (CEM, <=10 words)"),
-          ("retrievals", "retrievals per rollout"), ("internal_steps", "<internal> steps per rollout"),
-          ("memorization_size", "memorization set size"))
+PANELS = (("reward", "training reward"), ("format_valid", "format-valid rate"),
+          ("correct", "correct (CEM, <=10 words)"), ("retrievals", "retrievals per rollout"),
+          ("internal_steps", "<internal> steps per rollout"), ("memorization_size", "memorization set size"))
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

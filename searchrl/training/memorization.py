@@ -117,14 +117,16 @@ def model_rewriter(backend, max_new_tokens: int = 160) -> Rewriter:
     def rewrite(items: list[RewriteItem]) -> list[str | None]:
         if not items:
             return []
-        prompts = [chat_prompt_ids(backend.tokenizer, REWRITE_SYSTEM, rewrite_user_message(it)) for it in items]
+        tok = backend.tokenizer
+        prompts = [chat_prompt_ids(tok, REWRITE_SYSTEM, rewrite_user_message(it)) for it in items]
         gens = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=["</answer>"], temperature=0.0)
         return [g.text.strip() or None for g in gens]
 
     return rewrite
 
 
-def make_rewriter(kind: str, policy_backend=None, teacher_backend=None, max_new_tokens: int = 160) -> Rewriter:
+def make_rewriter(kind: str, policy_backend=None, teacher_backend=None, max_new_tokens: int = 160
+                  ) -> Rewriter:
     if kind == "oracle":
         return oracle_rewriter
     if kind == "policy":
@@ -162,8 +164,8 @@ def select_for_rewrite(trajs: Sequence[Trajectory], correct: Sequence[bool],
         if ok and t.retrievals >= 1 and t.answer is not None:
             if t.question_id not in best or t.retrievals < best[t.question_id].retrievals:
                 best[t.question_id] = t
-    return [RewriteItem(t.question_id, t.question, t.answer or "", retrieved_info(t), metadata.get(t.question_id, {}))
-            for t in best.values()]
+    return [RewriteItem(t.question_id, t.question, t.answer or "", retrieved_info(t),
+                        metadata.get(t.question_id, {})) for t in best.values()]
 
 
 def accept_rewrite(text: str | None, golds: Sequence[str], protocol: Protocol, max_words: int = 10) -> bool:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ from searchrl.training.advantages import reinforce_pp_baseline
 log = logging.getLogger(__name__)
 
 DONE_MARKER = "phase_done.json"
+FORMAT_KEY = "search/format_valid"
 LOG_COLUMNS = ("step", "phase", "reward", "format_valid", "correct", "retrievals", "internal_steps",
                "answer_words", "kl", "entropy", "memorization_nll", "memorization_size", "loss",
                "tokens_per_s", "step_seconds")
@@ -82,35 +84,37 @@ def reward_functions(cfg: RewardCfg, group_size: int) -> list[Callable]:
     They read the per-rollout fields the rollout function returns (`rollout_answer`, `retrievals`,
     `format_errors`) and the dataset's gold `answers`. The group reward needs whole groups: TRL hands
     the rollouts of one question as `group_size` consecutive rows."""
+    words = cfg.max_answer_words
 
-    def named(name: str, fn: Callable) -> Callable:
-        fn.__name__ = name
-        return fn
+    def fmt(format_errors, **_):
+        return [R.format_reward(e, cfg.format_penalty) for e in format_errors]
 
+    def answer(rollout_answer, answers, **_):
+        return [R.answer_reward(a, g, words) for a, g in zip(rollout_answer, answers, strict=True)]
+
+    def group(rollout_answer, answers, retrievals, **_):
+        correct = [R.is_correct(a, g, words) for a, g in zip(rollout_answer, answers, strict=True)]
+        out: list[float] = []
+        for s in range(0, len(correct), group_size):
+            out.extend(R.group_rewards(correct[s: s + group_size], retrievals[s: s + group_size],
+                                       cfg.group_form, cfg.group_std, cfg.group_clip))
+        return out
+
+    def retrieval(retrievals, **_):
+        return [R.retrieval_reward(n) for n in retrievals]
+
+    def stage1_format(format_errors, **_):
+        return [R.stage1_format_reward(e) for e in format_errors]
+
+    def f1(rollout_answer, answers, **_):
+        return [R.f1_reward(a, g) for a, g in zip(rollout_answer, answers, strict=True)]
+
+    fmt.__name__ = stage1_format.__name__ = "format"  # TRL names each reward by its function's name
     if cfg.kind == "r1searcher_pp":
-        funcs = [
-            named("format", lambda format_errors, **_: [R.format_reward(e, cfg.format_penalty) for e in format_errors]),
-            named("answer", lambda rollout_answer, answers, **_: [
-                R.answer_reward(a, g, cfg.max_answer_words) for a, g in zip(rollout_answer, answers, strict=True)]),
-        ]
-        if cfg.group_reward:
-            def group(rollout_answer, answers, retrievals, **_):
-                correct = [R.is_correct(a, g, cfg.max_answer_words) for a, g in zip(rollout_answer, answers,
-                                                                                   strict=True)]
-                out: list[float] = []
-                for s in range(0, len(correct), group_size):
-                    out.extend(R.group_rewards(correct[s: s + group_size], retrievals[s: s + group_size],
-                                               cfg.group_form, cfg.group_std, cfg.group_clip))
-                return out
-
-            funcs.append(named("group", group))
-        return funcs
+        return [fmt, answer, group] if cfg.group_reward else [fmt, answer]
     if cfg.kind == "r1searcher_stage1":
-        return [named("retrieval", lambda retrievals, **_: [R.retrieval_reward(n) for n in retrievals]),
-                named("format", lambda format_errors, **_: [R.stage1_format_reward(e) for e in format_errors])]
-    return [named("f1", lambda rollout_answer, answers, **_: [
-                R.f1_reward(a, g) for a, g in zip(rollout_answer, answers, strict=True)]),
-            named("format", lambda format_errors, **_: [R.format_reward(e, cfg.format_penalty) for e in format_errors])]
+        return [retrieval, stage1_format]
+    return [f1, fmt]
 
 
 # ----------------------------------------------------------------------------- rollouts -> TRL
@@ -135,8 +139,8 @@ def check_document_masking(protocol: Protocol, tokenizer) -> None:
 
     _, prompt_ids = protocol.prompt_ids(tokenizer, "Where was Ada Lovelace born?")
     docs = protocol.documents_text([Hit("p1", "Ada Lovelace", "Ada Lovelace was born in London.", 1.0)])
-    parts = [("model", f"{protocol.query_open}birthplace of Ada Lovelace{protocol.query_close}"), ("env", docs),
-             ("model", f"{protocol.answer_open}London{protocol.answer_close}")]
+    parts = [("model", f"{protocol.query_open}birthplace of Ada Lovelace{protocol.query_close}"),
+             ("env", docs), ("model", f"{protocol.answer_open}London{protocol.answer_close}")]
     traj = Trajectory("mask-check", "Where was Ada Lovelace born?", protocol.name, "", list(prompt_ids))
     for role, text in parts:
         ids = encode(tokenizer, text)
@@ -159,10 +163,10 @@ class RolloutSummary:
     correct: float
     answer_words: float
     model_tokens: int
-    seconds: float
 
     @classmethod
-    def of(cls, trajs: list[Trajectory], outcome: dict, correct: list[bool], stats: RolloutStats) -> RolloutSummary:
+    def of(cls, trajs: list[Trajectory], outcome: dict, correct: list[bool], stats: RolloutStats
+           ) -> RolloutSummary:
         n = max(len(trajs), 1)
         answers = [t.answer for t in trajs if t.answer is not None]
         return cls(retrievals=sum(t.retrievals for t in trajs) / n,
@@ -170,7 +174,7 @@ class RolloutSummary:
                    format_valid=sum(not e for e in outcome["format_errors"]) / n,
                    correct=sum(correct) / n,
                    answer_words=sum(len(a.split()) for a in answers) / max(len(answers), 1),
-                   model_tokens=stats.generated_tokens, seconds=stats.wall_seconds)
+                   model_tokens=stats.generated_tokens)
 
 
 # ----------------------------------------------------------------------------- vLLM server adapter
@@ -186,12 +190,13 @@ class VLLMServerBackend:
         self.eos_ids = eos_token_ids(tokenizer)
 
     def generate(self, prompts, *, max_new_tokens, stop=(), temperature=0.0, top_p=1.0, seed=None):
-        budgets = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        n = len(prompts)
+        budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        extra = {"stop": list(stop) or None, "include_stop_str_in_output": True, "skip_special_tokens": False,
+                 "seed": seed, "stop_token_ids": sorted(self.eos_ids)}
         out = self.client.generate(prompts=[list(p) for p in prompts], n=1, temperature=float(temperature),
                                    top_p=float(top_p), max_tokens=max(1, max(budgets)), logprobs=0,
-                                   generation_kwargs={"stop": list(stop) or None, "include_stop_str_in_output": True,
-                                                      "skip_special_tokens": False, "seed": seed,
-                                                      "stop_token_ids": sorted(self.eos_ids)})
+                                   generation_kwargs=extra)
         watcher = StopWatcher(self.tokenizer, list(stop))
         res = []
         for ids, lps, budget in zip(out["completion_ids"], out["logprobs"], budgets, strict=True):
@@ -200,7 +205,8 @@ class VLLMServerBackend:
                 res.append(Generation(ids, decode(self.tokenizer, ids[:-1]), lps, "eos"))
                 continue
             which = watcher.match(ids)
-            res.append(Generation(ids, decode(self.tokenizer, ids), lps, "stop" if which else "length", which))
+            finish = "stop" if which else "length"
+            res.append(Generation(ids, decode(self.tokenizer, ids), lps, finish, which))
         return res
 
 
@@ -232,9 +238,9 @@ class CollapseGuard:
             return None
         b_step, b_f, b_r = self.best
         if b_f - f >= self.format_drop and b_r - r >= self.reward_drop:
-            return (f"training collapsed: over steps {last[0][0]}-{step} the format-valid rate fell to {f:.2f} and "
-                    f"the mean reward to {r:.2f}, from {b_f:.2f} and {b_r:.2f} in the best window (ending at step "
-                    f"{b_step})")
+            return (f"training collapsed: over steps {last[0][0]}-{step} the format-valid rate fell to "
+                    f"{f:.2f} and the mean reward to {r:.2f}, from {b_f:.2f} and {b_r:.2f} in the best "
+                    f"window (ending at step {b_step})")
         return None
 
 
@@ -249,7 +255,8 @@ def _grpo_trainer_class():
         def __init__(self, *, rl_cfg: RlCfg, reward_cfg: RewardCfg, agent_cfg: AgentCfg, protocol: Protocol,
                      retriever, records: list[QARecord], ref_model, rewriter_kind: str | None,
                      teacher_backend=None, seed_base: int = 0, **kwargs):
-            self.rl_cfg, self.reward_cfg, self.agent_cfg, self.protocol = rl_cfg, reward_cfg, agent_cfg, protocol
+            self.rl_cfg, self.reward_cfg, self.agent_cfg = rl_cfg, reward_cfg, agent_cfg
+            self.protocol = protocol
             self.retriever = retriever
             self.records = {r.question: r for r in records}
             self.rpp_ref_model = ref_model
@@ -271,7 +278,8 @@ def _grpo_trainer_class():
                 add_fused_lm_head(ref_model, temperature=self.temperature,
                                   cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
             if self.accelerator.num_processes > 1:  # group reward and whitening need the whole rollout batch
-                raise ConfigError("the rl stage trains in one process (more GPUs: put vLLM on them, vllm_mode=server)")
+                raise ConfigError("the rl stage trains in one process (more GPUs: serve vLLM on them, "
+                                  "rl.vllm_mode=server)")
 
         # -- rollouts
         def _backend(self):
@@ -290,7 +298,7 @@ def _grpo_trainer_class():
             G = self.num_generations
             unique = prompts[::G]
             if len(prompts) % G or any(p != unique[i // G] for i, p in enumerate(prompts)):
-                raise RuntimeError("rollout_func: expected each prompt repeated num_generations times in a row")
+                raise RuntimeError("rollout_func: expected each prompt num_generations times in a row")
             missing = [q for q in unique if q not in self.records]
             if missing:
                 raise RuntimeError(f"rollout_func: prompt not in the training set: {missing[0][:80]!r}")
@@ -302,13 +310,13 @@ def _grpo_trainer_class():
             stats = RolloutStats()
             try:
                 backend = self._backend()
+                seed = self.seed_base + 7919 * self.state.global_step
                 trajs = run_rollouts(backend, self.retriever, self.protocol, records, n=G,
                                      temperature=self.rl_cfg.temperature, top_p=self.rl_cfg.top_p,
-                                     agent_cfg=self.agent_cfg, seed=self.seed_base + 7919 * self.state.global_step,
-                                     stats=stats)
+                                     agent_cfg=self.agent_cfg, seed=seed, stats=stats)
                 out = rollout_output(trajs, self.protocol)
-                correct = [R.is_correct(t.answer, self.records[t.question].answers, self.reward_cfg.max_answer_words)
-                           for t in trajs]
+                words = self.reward_cfg.max_answer_words
+                correct = [R.is_correct(t.answer, self.records[t.question].answers, words) for t in trajs]
                 self._build_memorization_set(trajs, correct, backend)
             finally:
                 model.train(was_training)
@@ -332,9 +340,10 @@ def _grpo_trainer_class():
             rewriter = M.make_rewriter(self.rewriter_kind, policy_backend=backend,
                                        teacher_backend=self.teacher_backend,
                                        max_new_tokens=self.rl_cfg.rewrite_max_tokens)
-            mem, counts = M.build_memorization_set(
-                trajs, correct, {q: r.answers for q, r in recs.items()}, {q: r.metadata for q, r in recs.items()},
-                rewriter, self.protocol, self.processing_class, self.reward_cfg.max_answer_words)
+            golds = {q: r.answers for q, r in recs.items()}
+            meta = {q: r.metadata for q, r in recs.items()}
+            mem, counts = M.build_memorization_set(trajs, correct, golds, meta, rewriter, self.protocol,
+                                                   self.processing_class, self.reward_cfg.max_answer_words)
             self._mem_set = mem
             self._mem_tokens = sum(len(e.completion_ids) for e in mem)
             self._metrics["train"]["memorization/candidates"].append(counts["candidates"])
@@ -342,8 +351,9 @@ def _grpo_trainer_class():
 
         # -- rewards and advantages
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-            self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            return self._rewards_per_func
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._rewards_per_func = rewards
+            return rewards
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
@@ -361,7 +371,7 @@ def _grpo_trainer_class():
             for i, em in enumerate(self._env_masks):
                 row = loss_mask[i, : len(em)].tolist()
                 if row != em or int(loss_mask[i, len(em):].sum()) != 0:
-                    raise MaskingError(f"rollout {i}: TRL's loss mask differs from the env_mask of the rollout")
+                    raise MaskingError(f"rollout {i}: TRL's loss mask differs from the rollout's env_mask")
 
         def _reinforce_pp(self, out: dict) -> tuple[torch.Tensor, float]:
             weights = self.reward_weights.to(self._rewards_per_func.device)
@@ -382,11 +392,12 @@ def _grpo_trainer_class():
             attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
             width = out["completion_ids"].size(1)
             bs = self.args.per_device_train_batch_size
+            logps = self._get_per_token_logps_and_entropies
             with torch.no_grad():
                 old = out.get("old_per_token_logps")
                 if old is None:
-                    old, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width, bs)
-                ref, _, _ = self._get_per_token_logps_and_entropies(self.rpp_ref_model, input_ids, attention, width, bs)
+                    old, _, _ = logps(self.model, input_ids, attention, width, bs)
+                ref, _, _ = logps(self.rpp_ref_model, input_ids, attention, width, bs)
             return old, ref
 
         # -- memorization loss
@@ -417,9 +428,10 @@ def _grpo_trainer_class():
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if self.model.training and "loss" in logs and self.last_summary is not None:
-                seconds = time.perf_counter() - self.rollout_started  # rollout + scoring + update of this step
-                self._metrics["train"]["throughput/step_seconds"].append(seconds)
-                self._metrics["train"]["throughput/tokens_per_s"].append(self.last_summary.model_tokens / seconds)
+                seconds = time.perf_counter() - self.rollout_started  # rollout + scoring + update
+                m = self._metrics["train"]
+                m["throughput/step_seconds"].append(seconds)
+                m["throughput/tokens_per_s"].append(self.last_summary.model_tokens / seconds)
             super().log(logs, start_time)
 
     return SearchRLTrainer
@@ -433,7 +445,8 @@ def _log_callback_class():
         """Per step: MLflow metrics (continuous step numbers across phases), one progress line, the
         collapse guard, and which checkpoint is best (Trainer's rotation keeps it)."""
 
-        def __init__(self, phase: str, offset: int, total_steps: int, guard: CollapseGuard, mlflow_log: Callable):
+        def __init__(self, phase: str, offset: int, total_steps: int, guard: CollapseGuard,
+                     mlflow_log: Callable):
             self.phase, self.offset, self.total = phase, offset, total_steps
             self.guard, self.mlflow_log = guard, mlflow_log
             self.collapse: str | None = None
@@ -441,7 +454,7 @@ def _log_callback_class():
         def on_train_begin(self, args, state, control, **kw):
             for entry in state.log_history:  # a resumed run: replay what the guard saw
                 if "reward" in entry:
-                    self.guard.update(int(entry["step"]), entry.get("search/format_valid", 0.0), entry["reward"])
+                    self.guard.update(int(entry["step"]), entry.get(FORMAT_KEY, 0.0), entry["reward"])
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "reward" not in logs:
@@ -449,13 +462,14 @@ def _log_callback_class():
             step = state.global_step + self.offset
             self.mlflow_log({k: v for k, v in logs.items() if isinstance(v, (int, float)) and not
                              (isinstance(v, float) and math.isnan(v))}, step)
+            nan = float("nan")
             log.info("rl %s step %d/%d: reward %.3f, format-valid %.2f, correct %.2f, retrievals %.2f, "
                      "internal %.2f, memorized %d, %.1f s/step, %.1f tok/s", self.phase, step, self.total,
-                     logs["reward"], logs.get("search/format_valid", float("nan")),
-                     logs.get("search/correct", float("nan")), logs.get("search/retrievals", float("nan")),
-                     logs.get("search/internal_steps", float("nan")), int(logs.get("memorization/size", 0) or 0),
-                     logs.get("throughput/step_seconds", 0.0), logs.get("throughput/tokens_per_s", 0.0))
-            reason = self.guard.update(state.global_step, logs.get("search/format_valid", 0.0), logs["reward"])
+                     logs["reward"], logs.get(FORMAT_KEY, nan), logs.get("search/correct", nan),
+                     logs.get("search/retrievals", nan), logs.get("search/internal_steps", nan),
+                     int(logs.get("memorization/size", 0) or 0), logs.get("throughput/step_seconds", 0.0),
+                     logs.get("throughput/tokens_per_s", 0.0))
+            reason = self.guard.update(state.global_step, logs.get(FORMAT_KEY, 0.0), logs["reward"])
             window = self.guard.window_reward()
             if control.should_save and window is not None and (state.best_metric is None or
                                                                 window >= state.best_metric):
@@ -471,8 +485,9 @@ def _log_callback_class():
 # ----------------------------------------------------------------------------- data
 def difficulty_labels(path: Path) -> dict[str, str]:
     if not path.exists():
-        raise InputError(path, "difficulty labels not found", fix="run the sample stage (dvc repro sample), or "
-                         "set rl.difficulty: [] to train on every question")
+        raise InputError(path, "difficulty labels not found",
+                         fix="run the sample stage (dvc repro sample), or set rl.difficulty: [] to train on "
+                             "every question")
     df = pd.read_parquet(path)
     for col in ("id", "difficulty"):
         if col not in df.columns:
@@ -554,13 +569,15 @@ def _grpo_args(cfg: RlCfg, phase: RlPhaseCfg, out_dir: Path, seed: int, max_toke
     )
 
 
-def make_trainer(params: Params, cfg: RlCfg, phase: RlPhaseCfg, init: str, records: list[QARecord], phase_dir: Path,
-                 retriever, tokenizer, ref_model=None, teacher_backend=None, callbacks=(), seed_base: int = 0):
+def make_trainer(params: Params, cfg: RlCfg, phase: RlPhaseCfg, init: str, records: list[QARecord],
+                 phase_dir: Path, retriever, tokenizer, ref_model=None, teacher_backend=None, callbacks=(),
+                 seed_base: int = 0):
     """The SearchRLTrainer of one phase (the start-up masking check runs first)."""
     from datasets import Dataset
 
     from searchrl.models import causal_lm_path
 
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental" in TRL 1.16
     protocol = get_protocol(cfg.protocol, params.agent)
     check_document_masking(protocol, tokenizer)
     agent_cfg = params.agent.model_copy(update={"max_total_tokens": cfg.max_total_tokens or
@@ -596,13 +613,15 @@ def train_phase(params: Params, cfg: RlCfg, phase: RlPhaseCfg, init: str, ref_mo
     if done.exists() and (final / "config.json").exists():
         log.info("rl %s: already trained (%s), skipping", phase.name, final)
         info = read_json(done)
-        return PhaseResult(phase.name, info["steps"], info["seconds"], str(final), info["collapse"], info["rows"])
+        return PhaseResult(phase.name, info["steps"], info["seconds"], str(final), info["collapse"],
+                           info["rows"])
 
     records = training_records(params, phase.difficulty if phase.difficulty is not None else cfg.difficulty)
     guard = CollapseGuard(cfg.collapse_window, cfg.collapse_format_drop, cfg.collapse_reward_drop)
     callback = _log_callback_class()(phase.name, offset, total_steps, guard, mlflow_log)
-    trainer = make_trainer(params, cfg, phase, init, records, phase_dir, retriever, tokenizer, ref_model=ref_model,
-                           teacher_backend=teacher_backend, callbacks=[callback], seed_base=seed_base)
+    trainer = make_trainer(params, cfg, phase, init, records, phase_dir, retriever, tokenizer,
+                           ref_model=ref_model, teacher_backend=teacher_backend, callbacks=[callback],
+                           seed_base=seed_base)
     resume = last_complete_checkpoint(phase_dir)
     log.info("rl %s: %d questions, %d steps of %d prompts x %d rollouts, reward %s, estimator %s%s",
              phase.name, len(records), phase.max_steps, cfg.prompts_per_step, cfg.num_generations,
@@ -615,8 +634,8 @@ def train_phase(params: Params, cfg: RlCfg, phase: RlPhaseCfg, init: str, ref_mo
         if callback.collapse and trainer.state.best_model_checkpoint:
             log.warning("rl %s: keeping the best checkpoint %s (windowed reward %.3f)", phase.name,
                         trainer.state.best_model_checkpoint, trainer.state.best_metric)
-            best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint,
-                                                        dtype=torch_dtype(trainer.args.model_init_kwargs["dtype"]))
+            dtype = torch_dtype(trainer.args.model_init_kwargs["dtype"])
+            best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint, dtype=dtype)
             best.save_pretrained(tmp)
         else:
             trainer.save_model(str(tmp))
@@ -679,7 +698,9 @@ def train_rl(params: Params, ablation: str | None = None, mlflow_log: Callable |
     if retriever is None:
         retriever = CachedRetriever(load_index(params.index.out_dir), params.agent.cache_path)
     tokenizer = load_tokenizer(cfg.init)
-    teacher = _teacher_backend(params, cfg, tokenizer) if cfg.memorization and cfg.rewriter == "teacher" else None
+    teacher = None
+    if cfg.memorization and cfg.rewriter == "teacher":
+        teacher = _teacher_backend(params, cfg, tokenizer)
     on_gpu = torch.cuda.is_available() and params.policy.device != "cpu"
     ref = None
     if cfg.beta > 0 and cfg.estimator == "reinforce_pp_baseline":
@@ -690,8 +711,8 @@ def train_rl(params: Params, ablation: str | None = None, mlflow_log: Callable |
     total = sum(p.max_steps for p in phases)
     init, offset, results = cfg.init, 0, []
     for i, phase in enumerate(phases):
-        res = train_phase(params, cfg, phase, init, ref, root / phase.name, offset, total, retriever, tokenizer,
-                          teacher, mlflow_log, seed_base=params.seed * 1_000_003 + 104_729 * i)
+        res = train_phase(params, cfg, phase, init, ref, root / phase.name, offset, total, retriever,
+                          tokenizer, teacher, mlflow_log, seed_base=params.seed * 1_000_003 + 104_729 * i)
         results.append(res)
         init, offset = res.model_dir, offset + res.steps
         if res.collapse:
@@ -723,9 +744,9 @@ def _teacher_backend(params: Params, cfg: RlCfg, tokenizer):
         raise ConfigError("rl.rewriter=teacher: set sample.teacher_model (the teacher the sample stage uses)")
     return make_teacher_backend(s.teacher_model, student_tokenizer=tokenizer,
                                 protocol=get_protocol(cfg.protocol, params.agent), policy_cfg=params.policy,
-                                agent_cfg=params.agent, api=s.teacher_api, served_model=s.teacher_served_model,
-                                api_key_env=s.teacher_api_key_env, concurrency=s.teacher_concurrency,
-                                timeout_s=s.teacher_timeout_s)
+                                agent_cfg=params.agent, api=s.teacher_api,
+                                served_model=s.teacher_served_model, api_key_env=s.teacher_api_key_env,
+                                concurrency=s.teacher_concurrency, timeout_s=s.teacher_timeout_s)
 
 
 def publish_reports(out: Path, results: list[PhaseResult], name: str) -> dict:
@@ -745,10 +766,11 @@ def publish_reports(out: Path, results: list[PhaseResult], name: str) -> dict:
         return round(sum(vals) / len(vals), 4) if vals else None
 
     metrics = {"run": name, "steps": steps, "seconds": round(seconds, 1),
-               "steps_per_hour": round(3600 * len(step_seconds) / sum(step_seconds), 2) if step_seconds else None,
+               "steps_per_hour": round(3600 * len(step_seconds) / sum(step_seconds), 2) if step_seconds
+               else None,
                "collapsed": next((r.collapse for r in results if r.collapse), None),
-               "last5": {c: mean(c) for c in ("reward", "format_valid", "correct", "retrievals", "internal_steps",
-                                              "memorization_size", "kl")}}
+               "last5": {c: mean(c) for c in ("reward", "format_valid", "correct", "retrievals",
+                                              "internal_steps", "memorization_size", "kl")}}
     write_json(out / "metrics.json", metrics)
     if rows:
         from searchrl.training.curves import plot_curves

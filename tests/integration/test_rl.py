@@ -62,6 +62,7 @@ def test_three_step_run_on_cpu(tmp_path, tiny_model_dir):
     metrics = RL.train_rl(params, retriever=KeywordRetriever(PASSAGES), mlflow_log=lambda m, s: logged.append((s, m)))
     assert metrics["steps"] == 3 and metrics["collapsed"] is None and metrics["steps_per_hour"] > 0
     assert [s for s, _ in logged] == [1, 2, 3]
+    assert logged[0][1]["kl"] == 0.0  # step 1: pi_old = pi_ref, scored by the same forward pass
     for key in ("reward", "rewards/format/mean", "rewards/answer/mean", "rewards/group/mean", "kl", "entropy",
                 "search/retrievals", "search/internal_steps", "search/format_valid", "search/answer_words",
                 "memorization/size", "throughput/tokens_per_s"):
@@ -85,6 +86,13 @@ def test_two_phase_r1searcher_run(tmp_path, tiny_model_dir):
     assert "rewards/retrieval/mean" in logged[0][1] and "rewards/f1/mean" in logged[1][1]
     rows = list(csv.DictReader(open(tmp_path / "reports" / "rl" / "log.csv", encoding="utf-8")))
     assert [(r["step"], r["phase"]) for r in rows] == [("1", "stage1"), ("2", "stage2"), ("3", "stage2")]
+
+
+def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
+    params = make_params(tmp_path, tiny_model_dir, estimator="grpo", beta=0.1, max_steps=1, memorization=False)
+    logged: list[tuple[int, dict]] = []
+    metrics = RL.train_rl(params, retriever=KeywordRetriever(PASSAGES), mlflow_log=lambda m, s: logged.append((s, m)))
+    assert metrics["steps"] == 1 and "kl" in logged[0][1]  # TRL's k3 KL against its own reference model
 
 
 def _trainer(tmp_path, tiny_model_dir, **rl):
@@ -186,6 +194,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_step_count(tmp_path, tiny_model_dir):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parents[1]), tmp=str(tmp_path), model=str(tiny_model_dir)))

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from searchrl.training.advantages import group_baseline, last_token_index, masked_whiten, reinforce_pp_baseline
+from searchrl.training.advantages import (
+    group_baseline,
+    last_token_index,
+    masked_whiten,
+    reinforce_pp_baseline,
+)
 
 
 def _whiten(values: list[float]) -> list[float]:

@@ -1,0 +1,123 @@
+"""Pure pieces of the RL stage: reward functions as TRL calls them, rollout -> TRL output and its
+document mask, the collapse guard, run names, ablation configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from searchrl.agent.engine import run_rollouts
+from searchrl.agent.fakes import KeywordRetriever, ScriptedBackend
+from searchrl.agent.protocols import get_protocol
+from searchrl.config import RewardCfg, validate
+from searchrl.training import rl as RL
+
+
+def _call(funcs, **kw):
+    return {f.__name__: f(prompts=[""] * len(kw["answers"]), completions=[""] * len(kw["answers"]),
+                          completion_ids=[[]] * len(kw["answers"]), **kw) for f in funcs}
+
+
+def test_pp_reward_functions_per_component_and_per_group():
+    kw = {"rollout_answer": ["Lima", "Lima", None, "Cusco", "Paris", "Paris"],
+          "answers": [["Lima"]] * 4 + [["Paris"]] * 2,
+          "retrievals": [2, 0, 1, 1, 1, 1],
+          "format_errors": [[], [], ["answer missing"], [], [], []]}
+    out = _call(RL.reward_functions(RewardCfg(), group_size=4), **kw)
+    assert out["format"] == [0, 0, -2, 0, 0, 0]
+    assert out["answer"] == [1, 1, 0, 0, 1, 1]
+    # group 1 (rows 0-3): correct counts {2, 0}, variance 1 -> 2 to the rollout with 0 retrievals;
+    # group 2 (rows 4-5): counts {1, 1}, sigma 0 -> nothing
+    assert out["group"] == [0, 2.0, 0, 0, 0, 0]
+    names = [f.__name__ for f in RL.reward_functions(RewardCfg(group_reward=False), 4)]
+    assert names == ["format", "answer"]
+
+
+def test_r1searcher_reward_functions():
+    kw = {"rollout_answer": ["Lima city", None], "answers": [["Lima"], ["Lima"]], "retrievals": [1, 0],
+          "format_errors": [[], ["think tags"]]}
+    s1 = _call(RL.reward_functions(RewardCfg(kind="r1searcher_stage1"), 2), **kw)
+    assert s1 == {"retrieval": [0.5, 0.0], "format": [0.5, 0.0]}
+    s2 = _call(RL.reward_functions(RewardCfg(kind="r1searcher_stage2"), 2), **kw)
+    assert s2["f1"] == pytest.approx([2 / 3, 0.0]) and s2["format"] == [0.0, -2.0]
+
+
+def test_rollouts_reach_trl_with_documents_masked(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    pp = get_protocol("r1searcher_pp")
+    q = "In which country was Talo Vesk born?"
+    backend = ScriptedBackend(tok, {q: ["<external>Talo Vesk birthplace</external>",
+                                        "<internal>So he was born in Peru.</internal><answer>Peru</answer>"]},
+                              query_close="</external>")
+    retriever = KeywordRetriever([("p1", "Talo Vesk", "Talo Vesk was born in Peru.")])
+    trajs = run_rollouts(backend, retriever, pp, [("q1", q)], n=2)
+    out = RL.rollout_output(trajs, pp)
+    for ids, mask, t in zip(out["completion_ids"], out["env_mask"], trajs, strict=True):
+        env = [i for i, m in zip(ids, mask, strict=True) if m == 0]
+        assert tok.decode(env) == t.segments[1].text and "<document>" in t.segments[1].text
+        assert len(out["logprobs"][0]) == len(ids)
+    assert out["retrievals"] == [1, 1] and out["rollout_answer"] == ["Peru", "Peru"]
+    assert out["format_errors"] == [[], []] and out["internal_steps"] == [1, 1]
+    RL.check_document_masking(pp, tok)
+    RL.check_document_masking(get_protocol("r1searcher"), tok)
+
+
+def test_collapse_guard_needs_both_format_and_reward_to_fall():
+    guard = RL.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
+    for step, (f, r) in enumerate([(0.9, 1.0), (0.9, 1.2), (0.8, 1.1)], 1):
+        assert guard.update(step, f, r) is None
+    assert guard.window_reward() == pytest.approx(1.15)
+    assert guard.update(4, 0.8, 0.0) is None  # reward fell, format did not (window format 0.8 vs 0.9)
+    msg = guard.update(5, 0.2, -1.0)  # window: format 0.5, reward -0.5 vs best window 0.9 / 1.15
+    assert msg is not None and "format-valid rate fell to 0.50" in msg and "best window" in msg
+    guard2 = RL.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
+    for step, (f, r) in enumerate([(0.9, 1.0), (0.9, 1.0), (0.1, 0.9), (0.1, 0.9)], 1):
+        assert guard2.update(step, f, r) is None  # format fell, reward did not
+
+
+def test_run_names_follow_the_reward_configuration():
+    p = validate({"rl_ablations": {"no_group_reward": {"reward": {"group_reward": False}},
+                                   "r1": {"init": "policy", "protocol": "r1searcher", "memorization": False,
+                                          "phases": [{"name": "s1", "reward": {"kind": "r1searcher_stage1"},
+                                                      "max_steps": 1},
+                                                     {"name": "s2", "reward": {"kind": "r1searcher_stage2"},
+                                                      "max_steps": 1}]}}})
+    main = RL.run_name(p.rl_config(None), None)
+    assert main == "rl [pp+group(two_sigma_sq,population,eta=2) | mem=oracle,mu=0.1 | reinforce_pp_baseline]"
+    assert RL.run_name(p.rl_config("no_group_reward"), "no_group_reward").startswith("rl_no_group_reward [pp-group |")
+    assert "s1:r1s-stage1 > s2:r1s-stage2 | mem=off" in RL.run_name(p.rl_config("r1"), "r1")
+    assert p.rl_config("r1").init == p.policy.model and p.rl_config("r1").out_dir == "models/rl_r1"
+    assert RL.config_hash(p, p.rl_config(None)) != RL.config_hash(p, p.rl_config("no_group_reward"))
+
+
+def test_vllm_server_backend_cuts_budgets_and_finds_the_stop(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    texts = ["<external>capital of Peru</external> and more", "<answer>Lima</answer>", "plain text going on"]
+
+    class FakeClient:
+        def generate(self, prompts, n, temperature, top_p, max_tokens, logprobs, generation_kwargs):
+            self.kwargs = dict(max_tokens=max_tokens, **generation_kwargs)
+            ids = [tok.encode(texts[0].split(" and")[0], add_special_tokens=False),  # vLLM stops at the stop
+                   tok.encode(texts[1], add_special_tokens=False) + [eos], tok.encode(texts[2], add_special_tokens=False)]
+            return {"completion_ids": ids, "logprobs": [[[-0.1]] * len(i) for i in ids]}
+
+    client = FakeClient()
+    backend = RL.VLLMServerBackend(client, tok)
+    gens = backend.generate([[1, 2], [3], [4]], max_new_tokens=[50, 50, 2], stop=["</external>", "</answer>"],
+                            temperature=1.0, seed=3)
+    assert client.kwargs["max_tokens"] == 50 and client.kwargs["include_stop_str_in_output"] is True
+    assert (gens[0].finish, gens[0].stop, gens[0].text) == ("stop", "</external>", "<external>capital of Peru</external>")
+    assert (gens[1].finish, gens[1].text) == ("eos", "<answer>Lima</answer>") and gens[1].token_ids[-1] == eos
+    assert gens[2].finish == "length" and len(gens[2].token_ids) == 2 and gens[2].logprobs == [-0.1, -0.1]
+
+
+def test_evaluate_finds_each_trained_model_and_its_protocol():
+    from tasks.evaluate import is_trained, trained_model
+
+    p = validate({"rl_ablations": {"r1s": {"init": "policy", "protocol": "r1searcher", "memorization": False,
+                                           "reward": {"kind": "r1searcher_stage2"}}},
+                  "evaluate": {"methods": ["direct", "sft", "rl", "rl_r1s"]}})
+    assert [is_trained(m) for m in p.evaluate.methods] == [False, True, True, True]
+    assert trained_model(p, "sft") == ("models/sft", "r1searcher_pp")
+    assert trained_model(p, "rl") == ("models/rl", "r1searcher_pp")
+    assert trained_model(p, "rl_r1s") == ("models/rl_r1s", "r1searcher")
