@@ -65,16 +65,20 @@ class StageFailed(RuntimeError):
 
 
 def dvc_stages(workspace: Path) -> list[str]:
-    """The pipeline's stages, upstream first (DVC's graph; ties in dvc.yaml order)."""
+    """The pipeline's stages, upstream first (DVC's graph; ties in dvc.yaml order). A `foreach`
+    stage expands to one stage per item, named `<stage>@<key>`."""
     import networkx as nx
     from dvc.repo import Repo
 
     listed = list((yaml.safe_load((workspace / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {}))
+
+    def position(stage) -> tuple[int, str]:
+        return listed.index(stage.name.split("@", 1)[0]), stage.name
+
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph.reverse()  # DVC's edges point from a stage to the stages it needs
-        named = [s for s in graph if getattr(s, "name", None) in listed]
-        order = nx.lexicographical_topological_sort(graph.subgraph(named), key=lambda s: listed.index(s.name))
-        return [s.name for s in order]
+        named = [s for s in graph if getattr(s, "name", None) and s.name.split("@", 1)[0] in listed]
+        return [s.name for s in nx.lexicographical_topological_sort(graph.subgraph(named), key=position)]
 
 
 def stage_env(workspace: Path, parent_run_id: str | None, tracking_uri: str | None) -> dict[str, str]:

@@ -198,6 +198,9 @@ class SampleCfg(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     keep_per_question: int = Field(2, ge=1)
     max_questions: int = Field(0, ge=0)  # training questions sampled (a seeded subset); 0 = all
+    # the policy / teacher sample only this many of them (seeded subset; 0 = all): on a CPU the policy
+    # is the slow sampler, while the oracle fills every question
+    model_max_questions: int = Field(0, ge=0)
     max_answer_words: int = Field(10, ge=1)
     difficulty: DifficultyCfg = DifficultyCfg()
     out_dir: str = "data/sft"

@@ -5,7 +5,10 @@ Methods
 - rag    : standard RAG, the question is retrieved once and the top-k passages go into the prompt.
 - agent_r1searcher_pp / agent_r1searcher : the base policy prompted with a search protocol, run in
            the multi-turn agent loop (greedy), retrieval count and internal steps counted per question.
-- sft / rl : the trained policies (models/sft, models/rl) in the R1-Searcher++ agent loop.
+- sft / rl / rl_<ablation> : the trained policies (models/sft, models/rl, models/rl_<ablation>), each in
+           the agent loop of the protocol it was trained with (tasks/evaluate.py `trained_model`); each
+           also answers the seen-facts split closed-book (`<method>_closed_book`), as does `direct`
+           (the base policy): memorization before and after RL.
 
 Every method yields one prediction row per question; rows are scored per dataset into
 `{dataset: {method: {em, f1, cem, n, retrievals, ...}}}`. On the Knowledge World (records carry hop

@@ -32,8 +32,6 @@ import yaml
 from searchrl.config import load_raw, project_root, validate
 from searchrl.errors import ConfigError
 
-ARTIFACT_KEYS = ("outs", "metrics", "plots")
-
 
 def runs_dir(root: Path) -> Path:
     return Path(os.environ.get("SEARCHRL_RUNS_DIR") or root / "runs").resolve()
@@ -52,47 +50,53 @@ def resolve_preset(preset: str | os.PathLike, root: Path) -> Path:
     raise ConfigError(f"preset '{preset}': file not found (presets in configs/: {known or 'none'})")
 
 
-def _path_of(entry) -> str:
-    """A dvc.yaml list entry is a path, or a one-key mapping {path: {options}}."""
-    return entry if isinstance(entry, str) else next(iter(entry))
-
-
-def _pipeline_paths(dvc_yaml: dict) -> set[PurePosixPath]:
-    paths = {PurePosixPath(_path_of(e)) for stage in dvc_yaml.get("stages", {}).values()
-             for key in ARTIFACT_KEYS for e in stage.get(key, []) or []}
-    for key in ("metrics", "plots"):  # top-level sections
-        paths |= {PurePosixPath(_path_of(e)) for e in dvc_yaml.get(key, []) or []}
-    return paths
-
-
-def project_links(dvc_yaml: dict) -> list[str]:
-    """The project paths the workspace links to: for each dependency no stage produces (code under
-    searchrl/ and tasks/), its shortest leading part that holds no pipeline artifact."""
-    produced = _pipeline_paths(dvc_yaml)
+def links_for(deps: set[PurePosixPath], produced: set[PurePosixPath]) -> list[str]:
+    """For each dependency no stage produces (code under searchrl/ and tasks/, raw inputs), its
+    shortest leading part that holds no pipeline artifact: the project paths a workspace links to."""
     links = set()
-    for stage in dvc_yaml.get("stages", {}).values():
-        for dep in stage.get("deps", []) or []:
-            p = PurePosixPath(_path_of(dep))
-            if any(p == q or p in q.parents or q in p.parents for q in produced):
-                continue  # produced by a stage (or holds / lies in a stage's output)
-            for n in range(1, len(p.parts) + 1):
-                head = PurePosixPath(*p.parts[:n])
-                if not any(head in q.parents for q in produced):
-                    links.add(head.as_posix())
-                    break
+    for p in deps:
+        if any(p == q or p in q.parents or q in p.parents for q in produced):
+            continue  # produced by a stage (or holds / lies in a stage's output)
+        for n in range(1, len(p.parts) + 1):
+            head = PurePosixPath(*p.parts[:n])
+            if not any(head in q.parents for q in produced):
+                links.add(head.as_posix())
+                break
     return sorted(links)
 
 
-def _link(ws: Path, name: str, root: Path) -> None:
-    link, target = ws / name, root / name
-    if link.is_symlink() and link.resolve() == target.resolve():
-        return
-    if link.is_symlink():
-        link.unlink()
-    elif link.exists():
-        raise ConfigError(f"{link}: expected a link to {target}; move it away and rerun")
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
+def project_links(ws: Path) -> list[str]:
+    """`links_for` on the stage graph as DVC resolves it in `ws` (templating, foreach, anchors)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(ws)) as repo:
+        stages = list(repo.index.stages)
+        produced = {PurePosixPath(o.def_path) for s in stages for o in s.outs}
+        deps = {PurePosixPath(d.def_path) for s in stages for d in s.deps if not isinstance(d, ParamsDependency)}
+    return links_for(deps, produced)
+
+
+def _sync_links(ws: Path, names: list[str], root: Path) -> None:
+    """Make exactly `names` links into the project; drop links into it that the graph no longer needs
+    (a stale link would send a stage's outputs into the project)."""
+    wanted = {ws / n for n in names}
+    for dirpath, dirnames, filenames in os.walk(ws):
+        dirnames[:] = [d for d in dirnames if d != ".dvc" or Path(dirpath) != ws]
+        for entry in dirnames + filenames:
+            path = Path(dirpath) / entry
+            if path.is_symlink() and path not in wanted and path.resolve().is_relative_to(root):
+                path.unlink()
+    for link in sorted(wanted):
+        target = root / link.relative_to(ws)
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise ConfigError(f"{link}: expected a link to {target}; move it away and rerun")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -136,11 +140,9 @@ def make_workspace(preset: str | os.PathLike | None = None, overrides: list[str]
     dvc_src = root / "dvc.yaml"
     if not dvc_src.exists():
         raise ConfigError(f"{dvc_src}: file not found (the stage graph the workspace copies)")
-    graph_text = dvc_src.read_text(encoding="utf-8")
-    _write_if_changed(ws / "dvc.yaml", graph_text)
+    _write_if_changed(ws / "dvc.yaml", dvc_src.read_text(encoding="utf-8"))
     if (root / ".dvcignore").exists():
         _write_if_changed(ws / ".dvcignore", (root / ".dvcignore").read_text(encoding="utf-8"))
-    for name in project_links(yaml.safe_load(graph_text) or {}):
-        _link(ws, name, root)
     init_dvc_repo(ws)
+    _sync_links(ws, project_links(ws), root)
     return ws

@@ -81,6 +81,8 @@ def evaluate(params: Params) -> None:
     metrics = evaluation.summarize(preds)
     publish(Path(cfg.out_dir), frame, metrics)
     rl_curves(params, Path(cfg.out_dir) / "rl_curves.png")
+    memorized = memorization_metrics(params, preds)
+    write_json(Path(cfg.out_dir) / "memorization.json", memorized)
     tracking.log_metrics(tracking.flatten(metrics))
     tracking.log_artifact(cfg.out_dir)
     print(evaluation.markdown_table(metrics))
@@ -94,6 +96,43 @@ def publish(out_dir: Path, frame: pd.DataFrame, metrics: dict) -> None:
     write_json(out_dir / "metrics.json", metrics)
     with atomic_path(out_dir / "table.md") as tmp:
         tmp.write_text(evaluation.markdown_table(metrics) + "\n", encoding="utf-8")
+
+
+def memorization_metrics(params: Params, preds: list[evaluation.Prediction]) -> dict:
+    """Per RL model: closed-book CEM / F1 on the seen-facts questions whose facts the RL run actually
+    trained on (a question it rolled out, per reports/rl/<run>/log.csv, used the fact), before RL (its
+    init model: sft, or the base policy `direct`) and after. The whole seen split mostly holds facts
+    a short RL run never visited."""
+    from searchrl.training.curves import read_log
+
+    closed: dict[str, dict[str, evaluation.Prediction]] = {}
+    for p in preds:
+        if p.method.endswith("_closed_book"):
+            closed.setdefault(p.method.removesuffix("_closed_book"), {})[p.id] = p
+    out: dict[str, dict] = {}
+    for method, after in closed.items():
+        log_csv = Path(params.rl.metrics_dir) / method / "log.csv"
+        if not (is_trained(method) and method != "sft" and log_csv.exists()):
+            continue
+        init = params.rl_config(None if method == "rl" else method.removeprefix("rl_")).init
+        before = closed.get("sft" if init == params.sft.out_dir else "direct")
+        if before is None:
+            continue
+        visited = {q for row in read_log(log_csv) for q in (row.get("questions") or "").split()}
+        ids = [i for i, p in after.items() if visited & set(p.metadata.get("seen_from", []))]
+        m = {"facts": len(ids), "trained_questions": len(visited),
+             "before": "sft" if init == params.sft.out_dir else "direct"}
+        for key in ("cem", "f1"):
+            m[f"{key}_before"] = _percent([before[i].scores[key] for i in ids])
+            m[f"{key}_after"] = _percent([after[i].scores[key] for i in ids])
+        out[method] = m
+        log.info("evaluate: %s memorization: %d seen facts trained on, closed-book CEM %s -> %s", method,
+                 len(ids), m["cem_before"], m["cem_after"])
+    return out
+
+
+def _percent(values: list[float]) -> float | None:
+    return round(100 * sum(values) / len(values), 2) if values else None
 
 
 def rl_curves(params: Params, out: Path) -> None:

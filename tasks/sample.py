@@ -77,7 +77,7 @@ def sample(params: Params) -> dict:
         temperature=cfg.temperature, top_p=cfg.top_p, keep_per_question=cfg.keep_per_question,
         max_answer_words=cfg.max_answer_words, oracle_variants=cfg.oracle_variants,
         easy_min_rate=cfg.difficulty.easy_min_rate, medium_min_rate=cfg.difficulty.medium_min_rate,
-        seed=params.seed, oracle_tokenizer=student_tok)
+        seed=params.seed, model_max_questions=cfg.model_max_questions, oracle_tokenizer=student_tok)
 
     frame = trajectory_frame(result.kept)
     n_tokens = dict(zip(frame["text"], frame["n_tokens"], strict=True))

@@ -70,7 +70,7 @@ DONE_MARKER = "phase_done.json"
 FORMAT_KEY = "search/format_valid"
 LOG_COLUMNS = ("step", "phase", "reward", "format_valid", "correct", "retrievals", "internal_steps",
                "answer_words", "kl", "entropy", "memorization_nll", "memorization_size", "loss",
-               "tokens_per_s", "step_seconds")
+               "tokens_per_s", "step_seconds", "questions")
 
 
 class MaskingError(SearchRLError):
@@ -162,6 +162,7 @@ class RolloutSummary:
     format_valid: float
     correct: float
     answer_words: float
+    answered_without_search: float  # reward-hacking audit (PEERS 5.11): answers with 0 retrievals
     model_tokens: int
 
     @classmethod
@@ -174,6 +175,7 @@ class RolloutSummary:
                    format_valid=sum(not e for e in outcome["format_errors"]) / n,
                    correct=sum(correct) / n,
                    answer_words=sum(len(a.split()) for a in answers) / max(len(answers), 1),
+                   answered_without_search=sum(t.answer is not None and t.retrievals == 0 for t in trajs) / n,
                    model_tokens=stats.generated_tokens)
 
 
@@ -271,6 +273,7 @@ def _grpo_trainer_class():
             self._hf_backend: HFBackend | None = None
             self.rollout_started = time.perf_counter()
             self.last_summary: RolloutSummary | None = None
+            self.step_questions: list[str] = []
             super().__init__(rollout_func=self._search_rollout, **kwargs)
             if ref_model is not None:  # scored like TRL's own reference model (fused LM head, temperature)
                 from trl.trainer.utils import add_fused_lm_head
@@ -303,6 +306,7 @@ def _grpo_trainer_class():
             if missing:
                 raise RuntimeError(f"rollout_func: prompt not in the training set: {missing[0][:80]!r}")
             records = [self.records[q] for q in unique]
+            self.step_questions = [r.id for r in records]
             self.rollout_started = time.perf_counter()
             model = self.accelerator.unwrap_model(self.model)
             was_training = model.training
@@ -329,6 +333,7 @@ def _grpo_trainer_class():
             m["search/format_valid"].append(summary.format_valid)
             m["search/correct"].append(summary.correct)
             m["search/answer_words"].append(summary.answer_words)
+            m["search/answered_without_search"].append(summary.answered_without_search)
             m["throughput/rollout_tokens_per_s"].append(stats.tokens_per_second)
             return out
 
@@ -432,6 +437,7 @@ def _grpo_trainer_class():
                 m = self._metrics["train"]
                 m["throughput/step_seconds"].append(seconds)
                 m["throughput/tokens_per_s"].append(self.last_summary.model_tokens / seconds)
+                logs["questions"] = " ".join(self.step_questions)  # kept in log_history (checkpoints)
             super().log(logs, start_time)
 
     return SearchRLTrainer
@@ -666,7 +672,8 @@ def log_rows(history: list[dict], phase: str, offset: int) -> list[dict]:
             "retrievals": "search/retrievals", "internal_steps": "search/internal_steps",
             "answer_words": "search/answer_words", "kl": "kl", "entropy": "entropy",
             "memorization_nll": "memorization/nll", "memorization_size": "memorization/size", "loss": "loss",
-            "tokens_per_s": "throughput/tokens_per_s", "step_seconds": "throughput/step_seconds"}
+            "tokens_per_s": "throughput/tokens_per_s", "step_seconds": "throughput/step_seconds",
+            "questions": "questions"}
     rows = []
     for entry in history:
         if "reward" not in entry:

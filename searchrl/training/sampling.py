@@ -35,8 +35,8 @@ teacher) `n_samples` rollouts, read as 1 / (expected rollouts to a correct one):
     difficult  otherwise, including r = 0
     unknown    no model sampler ran on the question (oracle-only sampling)
 
-The first model sampler in the list therefore samples every question, even those an earlier
-sampler already filled.
+The first model sampler in the list therefore samples every question it is given (at most
+`model_max_questions` of them, a seeded subset), even those an earlier sampler already filled.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def run_sampling(records: Sequence[QARecord], samplers: Sequence[str], backend_f
                  protocol: Protocol, agent_cfg, *, n_samples: int, temperature: float, top_p: float = 1.0,
                  keep_per_question: int, max_answer_words: int = 10, oracle_variants: int = 1,
                  easy_min_rate: float = 0.5, medium_min_rate: float = 0.01, seed: int = 0,
-                 oracle_tokenizer=None) -> SamplingResult:
+                 model_max_questions: int = 0, oracle_tokenizer=None) -> SamplingResult:
     """Run the samplers in order (see the module docstring); `backend_for(name)` builds the policy or
     teacher backend when its turn comes; `oracle_tokenizer` is the student tokenizer the oracle writes with."""
     from searchrl.agent.engine import RolloutStats, run_rollouts
@@ -268,10 +268,13 @@ def run_sampling(records: Sequence[QARecord], samplers: Sequence[str], backend_f
     by_id = {r.id: r for r in records}
     kept: dict[str, list[Candidate]] = {r.id: [] for r in records}
     difficulty_from = next((s for s in samplers if s in MODEL_SAMPLERS), None)
+    model_ids = {r.id for r in random_subset(records, model_max_questions, seed)}
     correct: dict[str, tuple[int, int]] = {}
     stats: dict = {"questions": len(records), "samplers": {}}
     for name in samplers:
         todo = [r for r in records if name == difficulty_from or len(kept[r.id]) < keep_per_question]
+        if name in MODEL_SAMPLERS:
+            todo = [r for r in todo if r.id in model_ids]
         st: dict = {"questions": len(todo), "candidates": 0, "accepted": 0, "kept": 0}
         stats["samplers"][name] = st
         if not todo:
@@ -379,5 +382,5 @@ def random_subset(records: Sequence[QARecord], n: int, seed: int) -> list[QAReco
     """`n` questions (all when n is 0 or larger than the pool), a seeded sample in the pool's order."""
     if not n or n >= len(records):
         return list(records)
-    pick = set(random.Random(f"sample/{seed}").sample(range(len(records)), n))
+    pick = set(random.Random(f"sample/{seed}/{len(records)}").sample(range(len(records)), n))
     return [r for i, r in enumerate(records) if i in pick]

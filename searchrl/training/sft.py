@@ -138,7 +138,8 @@ def training_args(cfg, out_dir: str | Path, seed: int, device: str, dtype: str, 
         data_seed=seed,
         use_cpu=not cuda,
         bf16=cuda and dtype == "bfloat16",
-        gradient_checkpointing=cuda and cfg.gradient_checkpointing,
+        activation_checkpointing=cuda and cfg.gradient_checkpointing,  # SFTConfig's default is on
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding
         report_to=report_to,
         run_name="sft",
         dataloader_num_workers=0,

@@ -50,16 +50,22 @@ def make_params(tmp: Path, model_dir: Path, **rl):
         "prepare": {"out_dir": str(tmp / "prepared")},
         "sample": {"out_dir": str(tmp / "sft")},
         "rl": {"init": str(model_dir), "max_steps": 3, "num_generations": 2, "prompts_per_step": 2,
-               "difficulty": [], "save_steps": 1, "beta": 0.1, "lr": 1e-3, "out_dir": str(tmp / "models" / "rl"),
-               "metrics_dir": str(tmp / "reports"), "checkpoint_dir": str(tmp / "ckpt"), **rl},
+               "difficulty": [], "save_steps": 1, "beta": 0.1, "lr": 1e-3,
+               "out_dir": str(tmp / "models" / "rl"), "metrics_dir": str(tmp / "reports"),
+               "checkpoint_dir": str(tmp / "ckpt"), **rl},
     }
     return validate(raw)
+
+
+def run(params, logged: list) -> dict:
+    retriever = KeywordRetriever(PASSAGES)
+    return RL.train_rl(params, retriever=retriever, mlflow_log=lambda metrics, step: logged.append((step, metrics)))
 
 
 def test_three_step_run_on_cpu(tmp_path, tiny_model_dir):
     params = make_params(tmp_path, tiny_model_dir)
     logged: list[tuple[int, dict]] = []
-    metrics = RL.train_rl(params, retriever=KeywordRetriever(PASSAGES), mlflow_log=lambda m, s: logged.append((s, m)))
+    metrics = run(params, logged)
     assert metrics["steps"] == 3 and metrics["collapsed"] is None and metrics["steps_per_hour"] > 0
     assert [s for s, _ in logged] == [1, 2, 3]
     assert logged[0][1]["kl"] == 0.0  # step 1: pi_old = pi_ref, scored by the same forward pass
@@ -76,11 +82,12 @@ def test_three_step_run_on_cpu(tmp_path, tiny_model_dir):
 
 
 def test_two_phase_r1searcher_run(tmp_path, tiny_model_dir):
-    params = make_params(tmp_path, tiny_model_dir, protocol="r1searcher", memorization=False, beta=0.0, phases=[
-        {"name": "stage1", "reward": {"kind": "r1searcher_stage1"}, "max_steps": 1},
-        {"name": "stage2", "reward": {"kind": "r1searcher_stage2"}, "max_steps": 2}])
+    phases = [{"name": "stage1", "reward": {"kind": "r1searcher_stage1"}, "max_steps": 1},
+              {"name": "stage2", "reward": {"kind": "r1searcher_stage2"}, "max_steps": 2}]
+    params = make_params(tmp_path, tiny_model_dir, protocol="r1searcher", memorization=False, beta=0.0,
+                         phases=phases)
     logged: list[tuple[int, dict]] = []
-    metrics = RL.train_rl(params, retriever=KeywordRetriever(PASSAGES), mlflow_log=lambda m, s: logged.append((s, m)))
+    metrics = run(params, logged)
     assert metrics["steps"] == 3
     assert [s for s, _ in logged] == [1, 2, 3]  # continuous across phases
     assert "rewards/retrieval/mean" in logged[0][1] and "rewards/f1/mean" in logged[1][1]
@@ -89,9 +96,10 @@ def test_two_phase_r1searcher_run(tmp_path, tiny_model_dir):
 
 
 def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
-    params = make_params(tmp_path, tiny_model_dir, estimator="grpo", beta=0.1, max_steps=1, memorization=False)
+    params = make_params(tmp_path, tiny_model_dir, estimator="grpo", beta=0.1, max_steps=1,
+                         memorization=False)
     logged: list[tuple[int, dict]] = []
-    metrics = RL.train_rl(params, retriever=KeywordRetriever(PASSAGES), mlflow_log=lambda m, s: logged.append((s, m)))
+    metrics = run(params, logged)
     assert metrics["steps"] == 1 and "kl" in logged[0][1]  # TRL's k3 KL against its own reference model
 
 
@@ -111,7 +119,8 @@ def test_loss_has_zero_gradient_through_document_tokens(tmp_path, tiny_model_dir
     g = torch.Generator().manual_seed(0)
     B, P, T = 2, 5, 6
     tool_mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 0, 0, 1, 1, 1]])  # document tokens at 2-3 and 1-2
-    inputs = {"prompt_ids": torch.randint(10, 1000, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+    inputs = {"prompt_ids": torch.randint(10, 1000, (B, P), generator=g),
+              "prompt_mask": torch.ones(B, P, dtype=torch.long),
               "completion_ids": torch.randint(10, 1000, (B, T), generator=g),
               "completion_mask": torch.ones(B, T, dtype=torch.long), "tool_mask": tool_mask,
               "advantages": torch.randn(B, T, generator=g), "num_items_in_batch": tool_mask.sum()}
@@ -132,7 +141,8 @@ def test_loss_has_zero_gradient_through_document_tokens(tmp_path, tiny_model_dir
     assert grad[tool_mask == 1].abs().min().item() > 0.0
     # advantages on document positions do not matter at all
     trainer._get_per_token_logps_and_entropies = original
-    inputs2 = dict(inputs, advantages=torch.where(tool_mask.bool(), inputs["advantages"], torch.full((B, T), 99.0)))
+    on_docs = torch.where(tool_mask.bool(), inputs["advantages"], torch.full((B, T), 99.0))
+    inputs2 = dict(inputs, advantages=on_docs)
     with torch.no_grad():
         assert trainer._compute_loss(trainer.model, inputs2).item() == pytest.approx(loss.item())
 
@@ -157,7 +167,8 @@ def test_memorization_loss_is_mu_nll_over_the_accumulated_step(tmp_path, tiny_mo
     for r in RECORDS[:3]:
         text = M.oracle_rewrite(M.RewriteItem(r.id, r.question, r.answers[0], [], r.metadata))
         _, prompt = pp.prompt_ids(tok, r.question)
-        examples.append(M.MemoryExample(r.id, text, list(prompt), list(tok.encode(text, add_special_tokens=False))))
+        completion = list(tok.encode(text, add_special_tokens=False))
+        examples.append(M.MemoryExample(r.id, text, list(prompt), completion))
     trainer._mem_set, trainer._mem_tokens = examples, sum(len(e.completion_ids) for e in examples)
     model = trainer.model
     model.zero_grad()
@@ -197,9 +208,11 @@ CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_step_count(tmp_path, tiny_model_dir):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).parents[1]), tmp=str(tmp_path), model=str(tiny_model_dir)))
+    tests = str(Path(__file__).parents[1])
+    script.write_text(CHILD.format(tests=tests, tmp=str(tmp_path), model=str(tiny_model_dir)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     ckpt = None
     while time.time() < deadline and proc.poll() is None:

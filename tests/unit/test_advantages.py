@@ -34,7 +34,8 @@ def test_hand_computed_batch_with_documents_padding_and_kl():
                [-0.65, -0.60, -0.55, 0.0],  # row 1: -.05 -.05 (-.05 - .5) [pad]
                [-0.10, 0.0, 0.0, -0.05],  # row 2: -.05 [doc doc] -.05 (+0)
                [-0.20, -0.15, -0.10, -0.05]]  # row 3
-    flat = [v for row, mrow in zip(returns, mask.tolist(), strict=True) for v, m in zip(row, mrow, strict=True) if m]
+    flat = [v for row, mrow in zip(returns, mask.tolist(), strict=True)
+            for v, m in zip(row, mrow, strict=True) if m]
     expected_flat = iter(_whiten(flat))
     expected = [[next(expected_flat) if m else 0.0 for m in mrow] for mrow in mask.tolist()]
     assert adv.flatten().tolist() == pytest.approx([v for row in expected for v in row], abs=1e-5)

@@ -84,12 +84,14 @@ def test_build_set_with_oracle_and_policy_rewriters(smollm2_tokenizer):
     assert mem[0].prompt_ids == prompt_ids
     assert tok.decode(mem[0].completion_ids) == mem[0].text
     # the policy rewriter: a scripted "model" answering the rewrite prompt
-    good = "<internal>Talo Vesk was born in Peru.</internal><internal>The capital of Peru is Lima.</internal>" \
-           "<answer>Lima</answer>"
+    good = ("<internal>Talo Vesk was born in Peru.</internal>"
+            "<internal>The capital of Peru is Lima.</internal><answer>Lima</answer>")
     backend = ScriptedBackend(tok, {trajs[0].question: [good]}, query_close="</external>")
-    mem, counts = M.build_memorization_set(trajs, [True, True], golds, meta, M.model_rewriter(backend), PP, tok)
+    rewriter = M.model_rewriter(backend)
+    mem, counts = M.build_memorization_set(trajs, [True, True], golds, meta, rewriter, PP, tok)
     assert counts["accepted"] == 1.0 and mem[0].text == good
     assert "Info:\n(1) Talo Vesk: Talo Vesk was born in Peru." in tok.decode(backend.calls[0][0])
     backend = ScriptedBackend(tok, {trajs[0].question: ["<answer>Cusco</answer>"]}, query_close="</external>")
-    mem, counts = M.build_memorization_set(trajs, [True, True], golds, meta, M.model_rewriter(backend), PP, tok)
+    rewriter = M.model_rewriter(backend)
+    mem, counts = M.build_memorization_set(trajs, [True, True], golds, meta, rewriter, PP, tok)
     assert mem == [] and counts == {"candidates": 1.0, "accepted": 0.0}

@@ -83,7 +83,8 @@ def test_run_names_follow_the_reward_configuration():
                                                       "max_steps": 1}]}}})
     main = RL.run_name(p.rl_config(None), None)
     assert main == "rl [pp+group(two_sigma_sq,population,eta=2) | mem=oracle,mu=0.1 | reinforce_pp_baseline]"
-    assert RL.run_name(p.rl_config("no_group_reward"), "no_group_reward").startswith("rl_no_group_reward [pp-group |")
+    no_group = RL.run_name(p.rl_config("no_group_reward"), "no_group_reward")
+    assert no_group.startswith("rl_no_group_reward [pp-group |")
     assert "s1:r1s-stage1 > s2:r1s-stage2 | mem=off" in RL.run_name(p.rl_config("r1"), "r1")
     assert p.rl_config("r1").init == p.policy.model and p.rl_config("r1").out_dir == "models/rl_r1"
     assert RL.config_hash(p, p.rl_config(None)) != RL.config_hash(p, p.rl_config("no_group_reward"))
@@ -97,8 +98,9 @@ def test_vllm_server_backend_cuts_budgets_and_finds_the_stop(smollm2_tokenizer):
     class FakeClient:
         def generate(self, prompts, n, temperature, top_p, max_tokens, logprobs, generation_kwargs):
             self.kwargs = dict(max_tokens=max_tokens, **generation_kwargs)
-            ids = [tok.encode(texts[0].split(" and")[0], add_special_tokens=False),  # vLLM stops at the stop
-                   tok.encode(texts[1], add_special_tokens=False) + [eos], tok.encode(texts[2], add_special_tokens=False)]
+            enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+            ids = [enc(texts[0].split(" and")[0]),  # vLLM stopped at the stop string
+                   enc(texts[1]) + [eos], enc(texts[2])]
             return {"completion_ids": ids, "logprobs": [[[-0.1]] * len(i) for i in ids]}
 
     client = FakeClient()
@@ -106,7 +108,8 @@ def test_vllm_server_backend_cuts_budgets_and_finds_the_stop(smollm2_tokenizer):
     gens = backend.generate([[1, 2], [3], [4]], max_new_tokens=[50, 50, 2], stop=["</external>", "</answer>"],
                             temperature=1.0, seed=3)
     assert client.kwargs["max_tokens"] == 50 and client.kwargs["include_stop_str_in_output"] is True
-    assert (gens[0].finish, gens[0].stop, gens[0].text) == ("stop", "</external>", "<external>capital of Peru</external>")
+    assert (gens[0].finish, gens[0].stop) == ("stop", "</external>")
+    assert gens[0].text == "<external>capital of Peru</external>"
     assert (gens[1].finish, gens[1].text) == ("eos", "<answer>Lima</answer>") and gens[1].token_ids[-1] == eos
     assert gens[2].finish == "length" and len(gens[2].token_ids) == 2 and gens[2].logprobs == [-0.1, -0.1]
 
@@ -121,3 +124,24 @@ def test_evaluate_finds_each_trained_model_and_its_protocol():
     assert trained_model(p, "sft") == ("models/sft", "r1searcher_pp")
     assert trained_model(p, "rl") == ("models/rl", "r1searcher_pp")
     assert trained_model(p, "rl_r1s") == ("models/rl_r1s", "r1searcher")
+
+
+def test_memorization_metrics_use_the_facts_rl_trained_on(tmp_path):
+    from searchrl.evaluation import Prediction
+    from tasks.evaluate import memorization_metrics
+
+    p = validate({"rl": {"metrics_dir": str(tmp_path)}, "evaluate": {"methods": ["direct", "sft", "rl"]}})
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "log.csv").write_text("step,questions\n1,t1 t2\n2,t3\n", encoding="utf-8")
+
+    def pred(method, qid, seen_from, cem):
+        return Prediction(qid, "kw_seen", f"{method}_closed_book", "q", "a", ["a"],
+                          metadata={"seen_from": seen_from}, scores={"em": cem, "f1": cem, "cem": cem})
+
+    # s1 and s3 ask facts of questions RL trained on (t1, t3); s2 does not
+    preds = [pred("sft", "s1", ["t1"], 0.0), pred("sft", "s2", ["t9"], 1.0),
+             pred("sft", "s3", ["t3", "t8"], 1.0), pred("rl", "s1", ["t1"], 1.0),
+             pred("rl", "s2", ["t9"], 0.0), pred("rl", "s3", ["t3", "t8"], 1.0)]
+    out = memorization_metrics(p, preds)
+    assert out == {"rl": {"facts": 2, "trained_questions": 3, "before": "sft", "cem_before": 50.0,
+                          "cem_after": 100.0, "f1_before": 50.0, "f1_after": 100.0}}

@@ -6,13 +6,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 
 from searchrl.errors import ConfigError
-from searchrl.workspace import make_workspace, project_links, resolve_preset
+from searchrl.workspace import links_for, make_workspace, resolve_preset
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -24,7 +24,7 @@ GRAPH = {
                    " pathlib.Path('out/v.txt').write_text(str(p['evaluate']['top_k']))\"",
             "deps": ["lib/code.py"],
             "params": ["evaluate"],
-            "outs": ["out"],
+            "outs": ["${evaluate.out_dir}"],  # templated output, literal dependency below
         },
         "use": {
             "cmd": "python -c \"import pathlib; pathlib.Path('used.txt').write_text(open('out/v.txt').read())\"",
@@ -42,7 +42,7 @@ def project(tmp_path, monkeypatch) -> Path:
     (root / "configs").mkdir(parents=True)
     (root / "lib").mkdir()
     (root / "lib" / "code.py").write_text("x = 1\n")
-    (root / "params.yaml").write_text("seed: 0\nevaluate:\n  top_k: 5\n  max_questions: 0\n")
+    (root / "params.yaml").write_text("seed: 0\nevaluate:\n  top_k: 5\n  max_questions: 0\n  out_dir: out\n")
     (root / "configs" / "tiny.yaml").write_text("evaluate:\n  max_questions: 4\n")
     (root / "dvc.yaml").write_text(yaml.safe_dump(GRAPH, sort_keys=False))
     (root / ".gitignore").write_text("/runs/\n")
@@ -65,7 +65,7 @@ def test_preset_and_overrides_materialise_a_workspace(project):
     ws = make_workspace("configs/tiny.yaml", ["evaluate.top_k=7"], root=project)
     assert ws == (project / "runs" / "tiny").resolve()
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    assert params["evaluate"] == {"top_k": 7, "max_questions": 4}
+    assert params["evaluate"] == {"top_k": 7, "max_questions": 4, "out_dir": "out"}
     assert params["seed"] == 0
     assert (project / "params.yaml").read_text() == before  # the user's file is untouched
     assert not (project / "out").exists()
@@ -98,13 +98,18 @@ def test_dvc_yaml_is_a_copy_and_code_deps_are_links_to_the_project(project):
 
 
 def test_links_stop_above_pipeline_artifacts():
-    graph = {"stages": {
-        "a": {"cmd": "x", "deps": ["searchrl/data", "tasks/a.py", "data/raw/in.jsonl"],
-              "outs": ["data/prepared/train.parquet", "${index.out_dir}"]},
-        "b": {"cmd": "y", "deps": ["data/prepared", "data/prepared/train.parquet", "${index.out_dir}",
-                                   "searchrl/agent"],
-              "metrics": [{"reports/b.json": {"cache": False}}]}}}
-    assert project_links(graph) == ["data/raw", "searchrl", "tasks"]
+    P = PurePosixPath
+    produced = {P("data/prepared/train.parquet"), P("data/index"), P("reports/b.json"), P("models/sft")}
+    deps = {P("searchrl/data"), P("tasks/a.py"), P("data/raw/in.jsonl"), P("data/prepared"),
+            P("data/prepared/train.parquet"), P("data/index"), P("models/sft"), P("searchrl/agent")}
+    assert links_for(deps, produced) == ["data/raw", "searchrl", "tasks"]
+
+
+def test_stale_links_into_the_project_are_dropped(project):
+    ws = make_workspace("configs/tiny.yaml", [], root=project)
+    (ws / "out").symlink_to(project / "lib")  # e.g. left by an older graph: outputs would leak
+    make_workspace("configs/tiny.yaml", [], root=project)
+    assert not (ws / "out").exists() and (ws / "lib").is_symlink()
 
 
 def test_bad_override_is_one_clear_error_and_creates_nothing(project):
