@@ -100,8 +100,6 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-kv-reuse", action="store_true", help="disable the HF backend's prefix KV reuse")
-    ap.add_argument("--slice-tokens", type=int, default=AgentCfg().slice_tokens,
-                    help="time slices of the HF backend (0 = whole segments per round)")
     ap.add_argument("--repeats", type=int, default=1, help="2 = batched, sequential, batched again")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout.json"))
@@ -121,7 +119,7 @@ def main() -> None:
     if args.force_query:
         proto.assistant_prefix = proto.assistant_prefix + proto.query_open
     cfg = AgentCfg(max_segment_tokens=args.max_segment_tokens, max_total_tokens=args.max_total_tokens,
-                   top_k=args.top_k, batch_size=max(32, args.questions), slice_tokens=args.slice_tokens)
+                   top_k=args.top_k, batch_size=max(32, args.questions))
     # warm-up: one short rollout (first-call costs: kernels, tokenizer, encoder)
     run_rollouts(backend, retriever, proto, questions[:1], agent_cfg=cfg.model_copy(update={"max_total_tokens": 16}))
 
@@ -148,7 +146,6 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "load_avg_1m_during": [round(x, 2) for x in load]},
         "setup": {"model": "smollm2-135m-instruct (float32, CPU)", "backend": "hf", "kv_reuse": not args.no_kv_reuse,
-                  "slice_tokens": cfg.slice_tokens,
                   "protocol": args.protocol, "force_query": args.force_query, "questions": len(questions),
                   "question_source": f"Knowledge World eval split (seed {args.seed})", "retriever": ret_desc,
                   "max_segment_tokens": cfg.max_segment_tokens, "max_total_tokens": cfg.max_total_tokens,

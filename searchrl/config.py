@@ -63,10 +63,6 @@ class AgentCfg(Section):
     # HF backend: reuse the KV of each rollout's history across retrieval rounds (and of the shared
     # system prompt) instead of recomputing it; same outputs, less compute.
     kv_reuse: bool = True
-    # HF backend: generate in time slices of this many tokens (0 = off). A rollout that stopped on a
-    # query gets its documents at the end of the slice and rejoins the batch, instead of waiting for
-    # the longest segment of the round; same tokens, fewer decode steps.
-    slice_tokens: int = Field(16, ge=0)
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     vllm_max_model_len: int = Field(0, ge=0)  # 0 = the model's own context length
 

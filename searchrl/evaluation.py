@@ -43,6 +43,7 @@ class Prediction:
     retrievals: int = 0
     internal_steps: int = 0
     finish_reason: str = "answered"
+    format_valid: bool | None = None  # agent methods: answered and the protocol validator found nothing wrong
     retrieved_ids: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
@@ -50,7 +51,8 @@ class Prediction:
     def row(self) -> dict:
         return {"id": self.id, "dataset": self.dataset, "method": self.method, "question": self.question,
                 "prediction": self.prediction, "golds": list(self.golds), "retrievals": self.retrievals,
-                "internal_steps": self.internal_steps, "finish_reason": self.finish_reason, **self.scores}
+                "internal_steps": self.internal_steps, "finish_reason": self.finish_reason,
+                "format_valid": self.format_valid, **self.scores}
 
 
 def clean_short_answer(text: str) -> str:
@@ -92,11 +94,12 @@ def predict_agent(backend, retriever, records: list[QARecord], protocol_name: st
     from searchrl.agent.engine import run_rollouts
     from searchrl.agent.protocols import get_protocol
 
-    trajs = run_rollouts(backend, retriever, get_protocol(protocol_name), records, n=1, temperature=0.0,
-                         agent_cfg=agent_cfg, seed=seed)
+    protocol = get_protocol(protocol_name)
+    trajs = run_rollouts(backend, retriever, protocol, records, n=1, temperature=0.0, agent_cfg=agent_cfg, seed=seed)
     by_id = {t.question_id: t for t in trajs}
     return [_prediction(r, method, (t.answer or "").strip(), retrievals=t.retrievals,
                         internal_steps=t.internal_steps, finish_reason=t.finish_reason,
+                        format_valid=t.finish_reason == "answered" and not protocol.validate(t),
                         retrieved_ids=[pid for ids in t.retrieved_ids for pid in ids])
             for r in records for t in [by_id[r.id]]]
 
@@ -150,6 +153,8 @@ def summarize(preds: list[Prediction]) -> dict[str, dict[str, dict]]:
         m["retrievals"] = sum(r.retrievals for r in rows) / len(rows)
         m["internal_steps"] = sum(r.internal_steps for r in rows) / len(rows)
         m["answered"] = 100.0 * sum(r.finish_reason == "answered" for r in rows) / len(rows)
+        if any(r.format_valid is not None for r in rows):
+            m["format_valid"] = 100.0 * sum(bool(r.format_valid) for r in rows) / len(rows)
         m.update(adaptive_metrics(rows))
         out[dataset][method] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     return dict(out)
@@ -163,11 +168,11 @@ def timed(fn, *args, **kwargs):
 
 def markdown_table(metrics: dict[str, dict[str, dict]]) -> str:
     """The evaluation table people look at (Prefect artifact, README)."""
-    cols = ["em", "f1", "cem", "retrievals", "internal_steps", "over_search", "under_search"]
+    cols = ["em", "f1", "cem", "format_valid", "retrievals", "internal_steps", "over_search", "under_search"]
     lines = ["| dataset | method | n | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
     for dataset, methods in metrics.items():
         for method, m in methods.items():
-            vals = [f"{m[c]:.1f}" if c in ("em", "f1", "cem", "over_search", "under_search") and c in m
+            vals = [f"{m[c]:.1f}" if c in ("em", "f1", "cem", "format_valid", "over_search", "under_search") and c in m
                     else (f"{m[c]:.2f}" if c in m else "–") for c in cols]
             lines.append(f"| {dataset} | {method} | {m.get('n', 0)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)

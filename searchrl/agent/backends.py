@@ -359,9 +359,8 @@ class HFBackend:
 
     @contextmanager
     def session(self, continue_stops: list[str] | tuple[str, ...] | None = None):
-        """Keep prefix KV across `generate` calls (same weights throughout). Rows that stop on one of
-        `continue_stops` (default: any stop string) or on their token budget are kept: those are the
-        ones a caller continues (after inserting documents, or in the next time slice)."""
+        """Keep prefix KV across `generate` calls (same weights throughout). Only rows that stop on one
+        of `continue_stops` (default: any stop string) are kept: those are the ones continued later."""
         if not self.kv_reuse or self._session is not None:
             yield self
             return
@@ -373,13 +372,8 @@ class HFBackend:
             self._session = None
             self._continue_stops = None
 
-    supports_stop_context = True
-
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop_context: list[list[int]] | None = None) -> list[Generation]:
-        """`stop_context[i]`: tokens generated for prompt i's current segment in earlier calls (the end
-        of prompt i); a stop string may begin in them and end in this call's tokens."""
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
         import torch
 
         n = len(prompts)
@@ -401,9 +395,8 @@ class HFBackend:
         t0 = time.perf_counter()
         for s in range(0, n, self.batch_size):
             idx = order[s: s + self.batch_size]
-            ctx = [list(stop_context[i][-watcher.window:]) if stop_context else [] for i in idx]
             res = self._generate_chunk([list(prompts[i]) for i in idx], [budgets[i] for i in idx], watcher,
-                                       float(temperature), float(top_p), gen, store, ctx)
+                                       float(temperature), float(top_p), gen, store)
             for i, g in zip(idx, res, strict=True):
                 out[i] = g
         self.stats["calls"] += 1
@@ -438,7 +431,7 @@ class HFBackend:
         kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
         store.add(prompts[0][:lcp], kv, shared=True)
 
-    def _generate_chunk(self, prompts, budgets, watcher, temperature, top_p, gen, store, ctx) -> list[Generation]:
+    def _generate_chunk(self, prompts, budgets, watcher, temperature, top_p, gen, store) -> list[Generation]:
         import torch
 
         dev = self.device
@@ -504,7 +497,7 @@ class HFBackend:
                     if t in self.eos_ids:
                         finish = "eos"
                     else:
-                        which = watcher.match(ctx[r] + ids_out[r][-watcher.window:] if ctx[r] else ids_out[r])
+                        which = watcher.match(ids_out[r])
                         if which is not None:
                             finish = "stop"
                         elif len(ids_out[r]) >= budgets[r]:
@@ -515,8 +508,8 @@ class HFBackend:
                     ids = ids_out[r]
                     text_ids = ids[:-1] if finish == "eos" else ids
                     results[r] = Generation(list(ids), decode(self.tokenizer, text_ids), lps_out[r], finish, which)
-                    if self._session is not None and (finish == "length" or (finish == "stop" and (
-                            self._continue_stops is None or which in self._continue_stops))):
+                    if finish == "stop" and self._session is not None and (
+                            self._continue_stops is None or which in self._continue_stops):
                         # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
                         cols = attn[j].nonzero()[:, 0]
                         kv = [layer.row(j, cols) for layer in cache.layers]

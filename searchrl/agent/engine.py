@@ -29,13 +29,6 @@ Rounds are synchronous (as in R1-Searcher's loop): inside a round the backend dr
 finish from its batch, and the next round starts once every row of the round has stopped. With the
 HF backend the round's prompts reuse the KV of each rollout's history (`backend.session()`), so a
 round costs only its new tokens; vLLM does the same with its automatic prefix caching.
-
-Time slices (`slice_tokens`, HF backend): a round is at most `slice_tokens` decode steps. A row
-still generating at the end of a slice is paused (its segment goes on next round, its KV kept, a
-stop string may straddle the pause: `stop_context`); rows that stopped on a query get their
-documents (one retrieval call) and rejoin the batch. Without slices one long segment holds every
-searching rollout back for a whole round; with them the batch stays fuller. Greedy trajectories are
-the same either way (tested).
 """
 
 from __future__ import annotations
@@ -46,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from searchrl.agent.backends import decode, encode
+from searchrl.agent.backends import encode
 from searchrl.agent.protocols import Protocol, get_protocol
 from searchrl.agent.trajectory import Segment, Trajectory
 
@@ -59,8 +52,6 @@ class _Rollout:
     ids: list[int]  # prompt + completion so far (what the next segment is conditioned on)
     used: int = 0  # completion tokens so far (model + env)
     done: bool = False
-    seg_ids: list[int] = field(default_factory=list)  # the model segment being generated (time slices)
-    seg_lps: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -140,38 +131,25 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
     st.rollouts += len(rollouts)
 
     stops = proto.stops if cfg.stop_at_answer else [proto.query_close]
-    slicing = cfg.slice_tokens > 0 and getattr(backend, "supports_stop_context", False)
     with _session(backend, [proto.query_close]):
         active = [r for r in rollouts if cfg.max_total_tokens > 0]
         rnd = 0
         while active:
-            budgets = [min(cfg.max_segment_tokens - len(r.seg_ids), cfg.max_total_tokens - r.used) for r in active]
-            extra = {}
-            if slicing:
-                budgets = [min(b, cfg.slice_tokens) for b in budgets]
-                extra["stop_context"] = [r.seg_ids for r in active]
+            budgets = [min(cfg.max_segment_tokens, cfg.max_total_tokens - r.used) for r in active]
             t0 = time.perf_counter()
             gens = backend.generate([r.ids for r in active], max_new_tokens=budgets, stop=stops,
                                     temperature=temperature, top_p=top_p,
-                                    seed=None if seed is None else int(seed) * 1_000_003 + rnd, **extra)
+                                    seed=None if seed is None else int(seed) * 1_000_003 + rnd)
             st.generate_seconds += time.perf_counter() - t0
             pending: list[tuple[_Rollout, str]] = []
             notices: list[_Rollout] = []
             for r, g in zip(active, gens, strict=True):
+                r.traj.segments.append(Segment("model", g.text, list(g.token_ids), list(g.logprobs)))
                 r.ids.extend(g.token_ids)
                 r.used += len(g.token_ids)
-                r.seg_ids.extend(g.token_ids)
-                r.seg_lps.extend(g.logprobs)
                 st.generated_tokens += len(g.token_ids)
-                if (g.finish == "length" and len(r.seg_ids) < cfg.max_segment_tokens
-                        and r.used < cfg.max_total_tokens):
-                    continue  # paused at the end of a time slice: the segment goes on next round
-                ids = r.seg_ids
-                text = g.text if len(ids) == len(g.token_ids) else decode(tok, ids[:-1] if g.finish == "eos" else ids)
-                r.traj.segments.append(Segment("model", text, ids, r.seg_lps))
-                r.seg_ids, r.seg_lps = [], []
                 first = len(r.traj.segments) == 1
-                act = proto.parse_segment(text, g.stop if g.finish == "stop" else None,
+                act = proto.parse_segment(g.text, g.stop if g.finish == "stop" else None,
                                           lead=proto.assistant_prefix if first else "")
                 if act.kind == "answer":
                     _finish(proto, r, "answered")

@@ -381,15 +381,3 @@ def test_answer_closed_book(tok):
     assert clean_short_answer("\n\n  The answer is 4.\nextra") == "The answer is 4"
     assert clean_short_answer("U.S.") == "U.S"  # the metrics' normalisation drops punctuation anyway
 
-
-def test_hf_stop_string_straddling_two_calls(tiny, tok):
-    """Time slices: a stop string that starts in an earlier call's tokens is still found."""
-    p = _prompts(tok)[2]
-    free = tiny.generate([p], max_new_tokens=8)[0].token_ids
-    stop = decode(tok, free[2:5])
-    whole = tiny.generate([p], max_new_tokens=8, stop=[stop])[0]
-    assert whole.finish == "stop" and whole.token_ids == free[: len(whole.token_ids)]
-    first = tiny.generate([p], max_new_tokens=3, stop=[stop])[0]
-    assert first.finish == "length"
-    rest = tiny.generate([p + first.token_ids], max_new_tokens=5, stop=[stop], stop_context=[first.token_ids])[0]
-    assert rest.finish == "stop" and rest.stop == stop and first.token_ids + rest.token_ids == whole.token_ids
