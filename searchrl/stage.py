@@ -34,7 +34,8 @@ def seed_everything(seed: int) -> None:
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("SEARCHRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "faiss", "sentence_transformers"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "faiss", "sentence_transformers",
+                  "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

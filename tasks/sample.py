@@ -19,6 +19,7 @@ import pandas as pd
 from searchrl import tracking
 from searchrl.config import Params
 from searchrl.data.schema import read_qa
+from searchrl.errors import SearchRLError
 from searchrl.io import atomic_path, write_json
 from searchrl.stage import run_stage
 from searchrl.training import sampling
@@ -79,6 +80,11 @@ def sample(params: Params) -> dict:
         easy_min_rate=cfg.difficulty.easy_min_rate, medium_min_rate=cfg.difficulty.medium_min_rate,
         seed=params.seed, model_max_questions=cfg.model_max_questions, oracle_tokenizer=student_tok)
 
+    if not result.kept:
+        rates = {n: f"{100 * st.get('acceptance', 0.0):.1f}%" for n, st in result.stats["samplers"].items()}
+        raise SearchRLError(f"sample: no trajectory passed the filters (acceptance {rates}); add the oracle "
+                            "sampler (Knowledge World) or a teacher to sample.sampler, or set rl.init: policy "
+                            "to start RL without the SFT cold start")
     frame = trajectory_frame(result.kept)
     n_tokens = dict(zip(frame["text"], frame["n_tokens"], strict=True))
     validate_frame(frame, "sft", "sft_trajectories", min_tokens=1, max_tokens=params.agent.max_total_tokens,

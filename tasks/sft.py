@@ -34,7 +34,8 @@ def sft(params: Params) -> dict:
 
     cfg = params.sft
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(params.policy.model, dtype=params.policy.dtype, device=params.policy.device)
+    # float32 master weights; a bfloat16 policy trains with bf16 autocast on CUDA (mixed precision)
+    model, tok = load_causal_lm(params.policy.model, dtype="float32", device=params.policy.device)
     rows = sftlib.read_trajectories(Path(params.sample.out_dir) / "trajectories.jsonl")
     examples, counts = sftlib.build_examples(rows, tok, tokenizer_fingerprint(tok), cfg.max_length)
     log.info("sft: %d examples (%d with the policy's own token ids, %d re-tokenised, %d longer than %d dropped), "

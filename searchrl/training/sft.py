@@ -19,8 +19,8 @@ labels with -100 and averages the loss over the unmasked tokens of each batch, w
 above.
 
 Training: full fine-tune by default, LoRA via peft (`sft.use_lora`, adapters merged on save). On CPU
-`use_cpu`, float32, no gradient checkpointing; on CUDA bf16 when the policy dtype is bfloat16 and
-optional gradient checkpointing. Checkpoints every `save_steps` go to `sft.checkpoint_dir` (not a DVC
+`use_cpu`, float32, no gradient checkpointing; on CUDA float32 master weights with bf16 autocast when
+the policy dtype is bfloat16, and optional gradient checkpointing. Checkpoints every `save_steps` go to `sft.checkpoint_dir` (not a DVC
 output, so an interrupted run leaves them); a rerun with the same data and settings (a fingerprint
 file guards this) resumes from the last one: global step, optimizer, scheduler and RNG state.
 """
