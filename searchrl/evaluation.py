@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from searchrl.agent.backends import clean_short_answer
 from searchrl.data.schema import QARecord
 from searchrl.metrics import aggregate, score
 
@@ -53,14 +54,6 @@ class Prediction:
                 "prediction": self.prediction, "golds": list(self.golds), "retrievals": self.retrievals,
                 "internal_steps": self.internal_steps, "finish_reason": self.finish_reason,
                 "format_valid": self.format_valid, **self.scores}
-
-
-def clean_short_answer(text: str) -> str:
-    """First non-empty line of a free-form answer, without chat-template leftovers."""
-    for line in text.replace("<|im_end|>", "\n").splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def format_passages(hits) -> str:
