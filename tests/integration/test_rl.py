@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from searchrl.agent.fakes import KeywordRetriever
@@ -101,6 +102,25 @@ def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
     logged: list[tuple[int, dict]] = []
     metrics = run(params, logged)
     assert metrics["steps"] == 1 and "kl" in logged[0][1]  # TRL's k3 KL against its own reference model
+
+
+def test_collapse_guard_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    # what the guard sees per step (format-valid rate, reward): fine, fine, collapsed, collapsed
+    seen = {1: (1.0, 1.0), 2: (1.0, 1.0), 3: (0.0, -2.0), 4: (0.0, -2.0), 5: (0.0, -2.0)}
+    original = RL.CollapseGuard.update
+    monkeypatch.setattr(RL.CollapseGuard, "update", lambda self, step, f, r: original(self, step, *seen[step]))
+    params = make_params(tmp_path, tiny_model_dir, max_steps=5, collapse_window=2, beta=0.0, memorization=False)
+    cfg = params.rl
+    from searchrl.models import load_tokenizer
+
+    res = RL.train_phase(params, cfg, cfg.run_phases()[0], str(tiny_model_dir), None, tmp_path / "phase", 0, 5,
+                         KeywordRetriever(PASSAGES), load_tokenizer(str(tiny_model_dir)), None, lambda m, s: None, 0)
+    assert res.steps == 4 and "format-valid rate fell to 0.00" in res.collapse
+    final = safetensors.torch.load_file(Path(res.model_dir) / "model.safetensors")
+    best = safetensors.torch.load_file(tmp_path / "phase" / "checkpoint-2" / "model.safetensors")
+    last = safetensors.torch.load_file(tmp_path / "phase" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    assert not all(torch.equal(final[k], last[k]) for k in last)
 
 
 def _trainer(tmp_path, tiny_model_dir, **rl):
