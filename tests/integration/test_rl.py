@@ -105,22 +105,33 @@ def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
 
 
 def test_collapse_guard_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    # what the guard sees per step (format-valid rate, reward): fine, fine, collapsed, collapsed
+    # what the guard sees per step (format-valid rate, reward); window 2: the best window ends at step 2,
+    # the window of steps 2-3 has fallen by 0.5 (format) and 1.5 (reward)
     seen = {1: (1.0, 1.0), 2: (1.0, 1.0), 3: (0.0, -2.0), 4: (0.0, -2.0), 5: (0.0, -2.0)}
     original = RL.CollapseGuard.update
     monkeypatch.setattr(RL.CollapseGuard, "update", lambda self, step, f, r: original(self, step, *seen[step]))
+    from transformers import AutoModelForCausalLM
+
+    loaded: list[str] = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded.append(str(path))
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     params = make_params(tmp_path, tiny_model_dir, max_steps=5, collapse_window=2, beta=0.0, memorization=False)
     cfg = params.rl
     from searchrl.models import load_tokenizer
 
     res = RL.train_phase(params, cfg, cfg.run_phases()[0], str(tiny_model_dir), None, tmp_path / "phase", 0, 5,
                          KeywordRetriever(PASSAGES), load_tokenizer(str(tiny_model_dir)), None, lambda m, s: None, 0)
-    assert res.steps == 4 and "format-valid rate fell to 0.00" in res.collapse
+    assert res.steps == 3 and "format-valid rate fell to 0.50" in res.collapse
+    assert loaded[-1] == str(tmp_path / "phase" / "checkpoint-2")  # the best checkpoint, not checkpoint-3
+    assert (tmp_path / "phase" / "checkpoint-3").is_dir()  # rotation kept the latest and the best
     final = safetensors.torch.load_file(Path(res.model_dir) / "model.safetensors")
     best = safetensors.torch.load_file(tmp_path / "phase" / "checkpoint-2" / "model.safetensors")
-    last = safetensors.torch.load_file(tmp_path / "phase" / "checkpoint-4" / "model.safetensors")
     assert all(torch.equal(final[k], best[k]) for k in best)
-    assert not all(torch.equal(final[k], last[k]) for k in last)
 
 
 def _trainer(tmp_path, tiny_model_dir, **rl):
