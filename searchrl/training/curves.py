@@ -2,7 +2,8 @@
 
 Input: {run name: rows of reports/rl/<run>/log.csv} (see searchrl.training.rl.LOG_COLUMNS; empty
 cells are missing values). One panel per quantity, one line per run, a light raw line plus a
-moving average so short noisy CPU runs stay readable.
+moving average so short noisy CPU runs stay readable; a dotted line where a run's next phase starts
+(R1-Searcher stage 1 -> stage 2, whose rewards are on different scales).
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _series(rows: list[dict], col: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
+def _segments(rows: list[dict], col: str) -> list[tuple[list[int], list[float]]]:
+    """(steps, values) of `col` per phase (consecutive rows of one phase), missing values skipped."""
+    out: list[tuple[list[int], list[float]]] = []
+    phase = None
     for r in rows:
+        if r.get("phase") != phase or not out:
+            phase = r.get("phase")
+            out.append(([], []))
         v = r.get(col, "")
         if v not in ("", None):
-            xs.append(int(r["step"]))
-            ys.append(float(v))
-    return xs, ys
+            out[-1][0].append(int(r["step"]))
+            out[-1][1].append(float(v))
+    return [seg for seg in out if seg[0]]
 
 
 def _smooth(ys: list[float], k: int) -> list[float]:
@@ -45,12 +51,13 @@ def plot_curves(runs: dict[str, list[dict]], out: str | os.PathLike, smooth: int
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (col, title) in zip(axes.flat, PANELS, strict=True):
         for i, (name, rows) in enumerate(runs.items()):
-            xs, ys = _series(rows, col)
-            if not xs:
-                continue
             c = colors[i % len(colors)]
-            ax.plot(xs, ys, color=c, alpha=0.25, linewidth=1)
-            ax.plot(xs, _smooth(ys, smooth), color=c, linewidth=2, label=name)
+            for j, (xs, ys) in enumerate(_segments(rows, col)):  # phases are smoothed separately
+                if j:
+                    ax.axvline(xs[0] - 0.5, color=c, linestyle=":", linewidth=1)
+                ax.plot(xs, ys, color=c, alpha=0.25, linewidth=1)
+                ax.plot(xs, _smooth(ys, smooth), color=c, linewidth=2, label=name if j == 0 else None)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
