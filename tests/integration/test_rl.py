@@ -60,7 +60,7 @@ def make_params(tmp: Path, model_dir: Path, **rl):
 
 def run(params, logged: list) -> dict:
     retriever = KeywordRetriever(PASSAGES)
-    return RL.train_rl(params, retriever=retriever, mlflow_log=lambda metrics, step: logged.append((step, metrics)))
+    return RL.train_rl(params, retriever=retriever, mlflow_log=lambda m, step: logged.append((step, m)))
 
 
 def test_three_step_run_on_cpu(tmp_path, tiny_model_dir):
@@ -104,12 +104,21 @@ def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
     assert metrics["steps"] == 1 and "kl" in logged[0][1]  # TRL's k3 KL against its own reference model
 
 
+def test_teacher_rewriter_from_the_sample_section(tmp_path, tiny_model_dir):
+    params = make_params(tmp_path, tiny_model_dir, max_steps=1, rewriter="teacher", beta=0.0)
+    teacher = params.sample.model_copy(update={"teacher_model": str(tiny_model_dir)})  # an HF dir teacher
+    params = params.model_copy(update={"sample": teacher})
+    logged: list[tuple[int, dict]] = []
+    assert run(params, logged)["steps"] == 1
+    assert "memorization/size" in logged[0][1]
+
+
 def test_collapse_guard_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     # what the guard sees per step (format-valid rate, reward); window 2: the best window ends at step 2,
     # the window of steps 2-3 has fallen by 0.5 (format) and 1.5 (reward)
     seen = {1: (1.0, 1.0), 2: (1.0, 1.0), 3: (0.0, -2.0), 4: (0.0, -2.0), 5: (0.0, -2.0)}
     original = RL.CollapseGuard.update
-    monkeypatch.setattr(RL.CollapseGuard, "update", lambda self, step, f, r: original(self, step, *seen[step]))
+    monkeypatch.setattr(RL.CollapseGuard, "update", lambda g, step, f, r: original(g, step, *seen[step]))
     from transformers import AutoModelForCausalLM
 
     loaded: list[str] = []
@@ -120,12 +129,14 @@ def test_collapse_guard_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model
         return load(cls, path, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    params = make_params(tmp_path, tiny_model_dir, max_steps=5, collapse_window=2, beta=0.0, memorization=False)
+    params = make_params(tmp_path, tiny_model_dir, max_steps=5, collapse_window=2, beta=0.0,
+                         memorization=False)
     cfg = params.rl
     from searchrl.models import load_tokenizer
 
-    res = RL.train_phase(params, cfg, cfg.run_phases()[0], str(tiny_model_dir), None, tmp_path / "phase", 0, 5,
-                         KeywordRetriever(PASSAGES), load_tokenizer(str(tiny_model_dir)), None, lambda m, s: None, 0)
+    tok = load_tokenizer(str(tiny_model_dir))
+    res = RL.train_phase(params, cfg, cfg.run_phases()[0], str(tiny_model_dir), None, tmp_path / "phase",
+                         0, 5, KeywordRetriever(PASSAGES), tok, None, lambda m, s: None, 0)
     assert res.steps == 3 and "format-valid rate fell to 0.50" in res.collapse
     assert loaded[-1] == str(tmp_path / "phase" / "checkpoint-2")  # the best checkpoint, not checkpoint-3
     assert (tmp_path / "phase" / "checkpoint-3").is_dir()  # rotation kept the latest and the best
