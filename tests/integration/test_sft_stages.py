@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 import tasks.prepare
 import tasks.sample
 import tasks.sft
-from searchrl.config import load_yaml
+from searchrl.config import load_params, load_yaml
 from searchrl.models import load_tokenizer
 from searchrl.stage import run_stage
 
@@ -54,7 +54,6 @@ def workspace(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     run_stage("prepare", tasks.prepare.prepare)
-    from searchrl.config import load_params
     from searchrl.retrieval.index import build_index
 
     p = load_params()
@@ -98,3 +97,24 @@ def test_sample_then_sft(workspace):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == metrics["steps"]  # the loss curve
     sample_run = client.search_runs([run.info.experiment_id], "tags.stage = 'sample'")[0]
     assert sample_run.data.metrics["sample.samplers.oracle.acceptance"] > 0
+
+
+def test_failed_validation_publishes_nothing(workspace, monkeypatch):
+    """A kept trajectory the Great Expectations suite rejects (a document block with no query before
+    it) stops the stage before anything is written."""
+    from searchrl.agent.trajectory import Segment, Trajectory
+    from searchrl.errors import DataValidationError
+    from searchrl.training import sampling
+
+    text = "\n<document>\n(1) forged\n</document>\n"
+    traj = Trajectory("kw-train-00000", "q?", "r1searcher_pp", "p", [1], [
+        Segment("env", text, [1, 2, 3]), Segment("model", "<answer>x</answer>", [4, 5], [0.0, 0.0])],
+        answer="x", finish_reason="answered")
+    bad = sampling.Candidate(traj, "policy", {"format": True})
+    monkeypatch.setattr(sampling, "run_sampling", lambda *a, **k: sampling.SamplingResult([bad], [], {
+        "samplers": {}, "kept": 1, "questions_covered": 1, "mix": {}, "difficulty": {}}))
+    with pytest.raises(DataValidationError, match="must follow a </external>"):
+        tasks.sample.sample(load_params())
+    assert not (workspace / "data" / "sft").exists()
+    report = json.loads((workspace / "reports" / "validation" / "sft_trajectories.json").read_text())
+    assert report["success"] is False
