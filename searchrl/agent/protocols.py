@@ -34,6 +34,7 @@ text it recovers the env blocks from the frame (a block directly after a query's
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass
 
@@ -94,7 +95,9 @@ class Action:
     detail: str = ""
 
 
-class Protocol:
+class Protocol(abc.ABC):
+    """One tag protocol over the shared rollout loop; subclasses fill in the abstract methods."""
+
     name: str = ""
     query_open: str = ""
     query_close: str = ""
@@ -113,8 +116,9 @@ class Protocol:
     def stops(self) -> list[str]:
         return [self.query_close, self.answer_close]
 
+    @abc.abstractmethod
     def system_prompt(self) -> str:
-        raise NotImplementedError
+        ...
 
     def user_message(self, question: str) -> str:
         return question.strip()
@@ -154,14 +158,17 @@ class Protocol:
         return model_text[start + len(self.answer_open): end].strip()
 
     # -- what the environment inserts
+    @abc.abstractmethod
     def format_passage(self, i: int, title: str, text: str) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def documents_text(self, hits, extra_tokens=()) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def empty_query_text(self) -> str:
-        raise NotImplementedError
+        ...
 
     def _passage_line(self, i: int, hit, extra_tokens) -> str:
         title = sanitize_passage(getattr(hit, "title", "") or "", extra_tokens)
@@ -169,9 +176,9 @@ class Protocol:
         return self.format_passage(i, title, body)
 
     # -- format checks
+    @abc.abstractmethod
     def env_spans(self, text: str) -> list[tuple[int, int]]:
         """Character spans of environment blocks recovered from text alone."""
-        raise NotImplementedError
 
     def _frame_spans(self, text: str, frame_open: str, frame_close: str) -> list[tuple[int, int]]:
         """Env blocks = `frame_open ... frame_close` starting within a few characters after a query's
@@ -211,8 +218,9 @@ class Protocol:
             parts = self.split_text(traj)
         return self._validate(parts)
 
+    @abc.abstractmethod
     def _validate(self, parts: list[tuple[str, str]]) -> list[str]:
-        raise NotImplementedError
+        ...
 
     @staticmethod
     def _garbled(model_text: str) -> list[str]:
