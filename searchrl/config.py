@@ -292,6 +292,7 @@ class RlCfg(Section):
     rewrite_max_tokens: int = Field(160, ge=8)
     num_generations: int = Field(4, ge=2)
     prompts_per_step: int = Field(2, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # sequences per forward/backward (the step accumulates over all)
     max_steps: int = Field(10, ge=1)
     lr: float = Field(2e-6, gt=0)
     beta: float = Field(1e-4, ge=0)
@@ -322,6 +323,13 @@ class RlCfg(Section):
                 raise ValueError(f"rl.reward.kind '{ph.kind}' does not fit rl.protocol '{self.protocol}' "
                                  "(r1searcher_pp rewards need the r1searcher_pp protocol, R1-Searcher rewards "
                                  "the r1searcher protocol)")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> RlCfg:
+        if (self.num_generations * self.prompts_per_step) % self.micro_batch_size:
+            raise ValueError(f"rl.micro_batch_size ({self.micro_batch_size}) must divide num_generations x "
+                             f"prompts_per_step ({self.num_generations * self.prompts_per_step})")
         return self
 
     def run_phases(self) -> list[RlPhaseCfg]:

@@ -15,8 +15,8 @@ One optimizer step (METHOD.md A.4 / B.6):
     to the frozen initial policy as a per-token reward with beta, gamma = 1 returns, global whitening
     over policy tokens) handed to TRL's loss as (B, T) advantages, PPO-clip epsilon, per-sequence
     token mean (`loss_type="grpo"`); or TRL's native `grpo` estimator (k3 KL in the loss).
-    One optimizer step per rollout batch: gradient accumulation over `prompts_per_step` micro-batches
-    of `num_generations` sequences, so the ratio is 1 and the clip is inactive, as in the papers.
+    One optimizer step per rollout batch (gradient accumulation over micro-batches of
+    `micro_batch_size` sequences), so the ratio is 1 and the clip is inactive, as in the papers.
  4. Memorization (searchrl/training/memorization.py, R1-Searcher++ only): correct rollouts that
     searched are rewritten into internal-only paths; the accepted ones add mu * NLL to the loss. The
     set is split across the step's micro-batches, each part normalised by the token count of the
@@ -557,12 +557,13 @@ def config_hash(params: Params, cfg: RlCfg) -> str:
 def _grpo_args(cfg: RlCfg, phase: RlPhaseCfg, out_dir: Path, seed: int, max_tokens: int, on_gpu: bool):
     from trl import GRPOConfig
 
+    micro_batches = cfg.num_generations * cfg.prompts_per_step // cfg.micro_batch_size
     return GRPOConfig(
         output_dir=str(out_dir), max_steps=phase.max_steps, learning_rate=cfg.lr,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=cfg.num_generations, gradient_accumulation_steps=cfg.prompts_per_step,
-        steps_per_generation=cfg.prompts_per_step, num_generations=cfg.num_generations, num_iterations=1,
+        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=micro_batches,
+        steps_per_generation=micro_batches, num_generations=cfg.num_generations, num_iterations=1,
         max_completion_length=max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         beta=cfg.beta if cfg.estimator == "grpo" else 0.0, epsilon=cfg.epsilon, loss_type="grpo",
         scale_rewards="group", mask_truncated_completions=False, disable_dropout=True,

@@ -51,7 +51,7 @@ def make_params(tmp: Path, model_dir: Path, **rl):
         "prepare": {"out_dir": str(tmp / "prepared")},
         "sample": {"out_dir": str(tmp / "sft")},
         "rl": {"init": str(model_dir), "max_steps": 3, "num_generations": 2, "prompts_per_step": 2,
-               "difficulty": [], "save_steps": 1, "beta": 0.1, "lr": 1e-3,
+               "micro_batch_size": 2, "difficulty": [], "save_steps": 1, "beta": 0.1, "lr": 1e-3,
                "out_dir": str(tmp / "models" / "rl"), "metrics_dir": str(tmp / "reports"),
                "checkpoint_dir": str(tmp / "ckpt"), **rl},
     }
