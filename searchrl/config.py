@@ -135,6 +135,16 @@ class PrepareCfg(Section):
     jsonl: JsonlSourceCfg = JsonlSourceCfg()
     hf: HfSourceCfg = HfSourceCfg()
 
+    def input_files(self) -> list[Path]:
+        """The local files this source reads (resolved), so the prepare stage can depend on them."""
+        if self.source == "jsonl":
+            specs = self.jsonl.train + self.jsonl.eval + self.jsonl.corpus
+        elif self.source == "hf":
+            specs = list(self.hf.corpus)
+        else:
+            specs = []
+        return list(dict.fromkeys(resolve_input(s.path).resolve() for s in specs))
+
 
 # ----------------------------------------------------------------------------- index
 class IndexCfg(Section):

@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from searchrl.agent.backends import clean_short_answer
-from searchrl.data.schema import QARecord
+from searchrl.data.schema import QARecord, passage_body
 from searchrl.metrics import aggregate, score
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Prediction:
 
 
 def format_passages(hits) -> str:
-    return "\n".join(f"({i}) {h.title}: {h.text}" for i, h in enumerate(hits, start=1))
+    return "\n".join(f"({i}) {h.title}: {passage_body(h.title, h.text)}" for i, h in enumerate(hits, start=1))
 
 
 def rag_prompts(tokenizer, questions: list[str], hits_per_question) -> list[list[int]]:

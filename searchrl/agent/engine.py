@@ -116,6 +116,7 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
     tok = backend.tokenizer
     specials = _special_tokens(tok)
     t_start = time.perf_counter()
+    tokens_before = st.generated_tokens
 
     rollouts: list[_Rollout] = []
     prompt_cache: dict[str, tuple[str, list[int]]] = {}
@@ -190,8 +191,11 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
             for r, q in pending:
                 hits = list(hits_by_query[q])[: cfg.top_k]
                 _insert(r, proto.documents_text(hits, specials), q, [h.id for h in hits], tok, cfg, proto, st)
-            log.debug("round %d: %d rollouts generated, %d queries, %d still running", rnd, len(gens),
-                      len(pending), sum(not r.done for r in active))
+            # progress: rounds can take minutes on a CPU
+            elapsed, made = time.perf_counter() - t_start, st.generated_tokens - tokens_before
+            log.info("round %d: %d rollouts generated, %d queries; %d of %d still running; %d model tokens "
+                     "in %.0fs (%.1f tok/s)", rnd, len(gens), len(pending), sum(not r.done for r in active),
+                     len(rollouts), made, elapsed, made / max(elapsed, 1e-9))
             active = [r for r in active if not r.done]
             rnd += 1
         st.rounds += rnd

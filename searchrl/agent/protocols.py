@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 
 from searchrl.agent.trajectory import Trajectory
+from searchrl.data.schema import passage_body
 
 # ----------------------------------------------------------------------------- sanitising
 _TAG_NAMES = ("internal", "external", "document", "documents", "answer", "think", "in", "ex", "doc",
@@ -171,8 +172,10 @@ class Protocol(abc.ABC):
         ...
 
     def _passage_line(self, i: int, hit, extra_tokens) -> str:
-        title = sanitize_passage(getattr(hit, "title", "") or "", extra_tokens)
-        body = truncate_words(sanitize_passage(hit.text, extra_tokens), self.max_passage_words)
+        raw_title = getattr(hit, "title", "") or ""
+        title = sanitize_passage(raw_title, extra_tokens)
+        body = truncate_words(sanitize_passage(passage_body(raw_title, hit.text), extra_tokens),
+                              self.max_passage_words)
         return self.format_passage(i, title, body)
 
     # -- format checks

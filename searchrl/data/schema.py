@@ -40,9 +40,6 @@ class Passage:
     text: str
     source: str = ""
 
-    def contents(self) -> str:
-        return passage_contents(self.title, self.text)
-
 
 def passage_contents(title: str, text: str) -> str:
     """What the encoder and the agent see: title then text (R1-Searcher's KILT style).
@@ -51,6 +48,13 @@ def passage_contents(title: str, text: str) -> str:
     if not title or text.startswith(title):
         return text
     return f"{title}\n{text}"
+
+
+def passage_body(title: str, text: str) -> str:
+    """The text without the title that `title_in_text` chunks start with (shown once, as the title)."""
+    if title and text.startswith(title):
+        return text[len(title):].lstrip() or text
+    return text
 
 
 def qa_frame(records: list[QARecord]) -> pd.DataFrame:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from searchrl.data.schema import passage_contents
-
 
 @dataclass(frozen=True)
 class Hit:
@@ -14,9 +12,6 @@ class Hit:
     title: str
     text: str
     score: float
-
-    def contents(self) -> str:
-        return passage_contents(self.title, self.text)
 
 
 class Retriever(Protocol):

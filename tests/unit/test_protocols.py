@@ -91,6 +91,13 @@ def test_frames_exact_text():
     assert "(no results)" in PP.documents_text([])
 
 
+def test_chunk_that_starts_with_its_title_shows_the_title_once():
+    hit = Hit("1", "Anarchism", "Anarchism is a political philosophy.", 1.0)  # a title_in_text chunk
+    assert PP.documents_text([hit]) == "\n<document>\n(1) Anarchism: is a political philosophy.\n</document>\n"
+    assert "Title: Anarchism Text: is a political" in R1.documents_text([hit])
+    assert "(1) Anarchism: Anarchism" in PP.documents_text([Hit("1", "Anarchism", "Anarchism", 1.0)])
+
+
 def test_passages_truncated_to_max_words():
     p = R1SearcherPP(max_passage_words=5)
     block = p.documents_text([Hit("1", "T", " ".join(f"w{i}" for i in range(50)), 1.0)])

@@ -167,3 +167,27 @@ def test_dvc_rejects_ignored_dvc_yaml_but_accepts_the_nested_workspace(project):
     root_status = subprocess.run([*DVC, "status"], cwd=project, capture_output=True, text=True)
     assert root_status.returncode == 0  # the root project skips the nested one
     assert "runs/tiny" not in root_status.stdout
+
+
+def test_raw_input_files_become_prepare_deps_and_an_edit_reruns_prepare(project, tmp_path):
+    """A jsonl source's files live outside the pipeline (../shared/data); the workspace's prepare stage
+    depends on them, so editing one makes DVC rerun prepare (and nothing else changed is up to date)."""
+    raw = tmp_path / "raw" / "eval.jsonl"
+    raw.parent.mkdir()
+    raw.write_text('{"question": "q?", "answer": "a"}\n')
+    graph = {"stages": {"prepare": {"cmd": f"python -c \"import shutil; shutil.copy('{raw}', 'copy.jsonl')\"",
+                                    "deps": ["lib/code.py"], "outs": ["copy.jsonl"]}}}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(graph, sort_keys=False))
+    (project / "configs" / "local.yaml").write_text(
+        f"prepare:\n  source: jsonl\n  jsonl:\n    eval:\n      - {{path: {raw}, format: r1searcher}}\n")
+    ws = make_workspace("configs/local.yaml", [], root=project)
+    deps = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
+    assert deps == ["lib/code.py", str(raw.resolve())]
+    assert sorted(p.name for p in ws.iterdir()) == [".dvc", ".dvcignore", "dvc.yaml", "lib", "params.yaml"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([*DVC, "repro", "-q"], cwd=ws, check=True, env=env)
+    status = subprocess.run([*DVC, "status"], cwd=ws, check=True, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout
+    raw.write_text('{"question": "q?", "answer": "b"}\n')
+    status = subprocess.run([*DVC, "status"], cwd=ws, check=True, env=env, capture_output=True, text=True)
+    assert "prepare:" in status.stdout and str(raw.resolve()) in status.stdout
