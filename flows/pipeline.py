@@ -38,6 +38,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
@@ -105,6 +106,7 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", stage]
     logger.info("$ dvc repro %s   (in %s)", stage, workspace)
+    t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     ran: list[str] = []
@@ -125,7 +127,9 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
         detail = "\n".join(errors) if errors else "\n".join(tail)
         raise StageFailed(stage, proc.returncode,
                           f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n{detail}", user_error)
-    return {"stage": stage, "ran": ran, "up_to_date": stage not in ran}
+    seconds = round(time.perf_counter() - t0, 1)
+    logger.info("stage %s: %s in %.1fs", stage, "ran" if stage in ran else "up to date", seconds)
+    return {"stage": stage, "ran": ran, "up_to_date": stage not in ran, "seconds": seconds}
 
 
 def publish_evaluation(workspace: Path, out_dir: str, label: str) -> str | None:
@@ -171,13 +175,15 @@ def searchrl_pipeline(preset: str | None = None, overrides: list[str] | None = N
         env = stage_env(workspace, parent_id, tracking.tracking_uri(params))
         for stage in selected:
             results[stage] = run_task(stage, str(workspace), env)
+            # wall time per stage, comparable across runs in the MLflow UI ('@' is not a metric character)
+            mlflow.log_metric(f"stage_seconds/{stage.replace('@', '.')}", results[stage]["seconds"])
         table = publish_evaluation(workspace, params.evaluate.out_dir, label) if "evaluate" in selected else None
         if table:
             mlflow.log_text(table + "\n", "evaluation.md")
     ran = [s for r in results.values() for s in r["ran"]]
     logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)")
     return {"workspace": str(workspace), "stages": selected, "ran": ran, "parent_run_id": parent_id,
-            "evaluation": table}
+            "stage_seconds": {s: r["seconds"] for s, r in results.items()}, "evaluation": table}
 
 
 def main(argv: list[str] | None = None) -> int:

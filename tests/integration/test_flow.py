@@ -63,20 +63,21 @@ def test_failing_dataset_stops_the_flow_and_keeps_previous_outputs(pipeline_env,
     ws = Path(first["workspace"])
     assert ws == pipeline_env / "runs" / "custom"
     assert first["ran"] == ["prepare", "index"]
+    assert set(first["stage_seconds"]) == {"prepare", "index"} and all(v > 0 for v in first["stage_seconds"].values())
     assert (ws / "data" / "prepared" / "eval.parquet").is_file()
     assert (ws / "data" / "index" / "manifest.json").is_file()
     before = snapshot(ws)
 
-    # A new eval file, corrupted: its line 3 is not JSON. (The input files are not DVC dependencies;
-    # pointing params at another file is what makes DVC rerun prepare.)
-    bad = data / "eval_v2.jsonl"
-    bad.write_text((data / "eval.jsonl").read_text() + '{"idx": 9, "question": "broken\n', encoding="utf-8")
-    state = searchrl_pipeline(overrides=jsonl_overrides(data, bad.name), stages=stages, return_state=True)
+    # The eval file edited in place, corrupted: its line 3 is not JSON. The input files are
+    # dependencies of the workspace's prepare stage, so DVC reruns prepare on the edit alone.
+    bad = data / "eval.jsonl"
+    bad.write_text(bad.read_text() + '{"idx": 9, "question": "broken\n', encoding="utf-8")
+    state = searchrl_pipeline(overrides=jsonl_overrides(data), stages=stages, return_state=True)
 
     assert state.is_failed()
     message = state.message + "\n" + str(state.result(raise_on_failure=False))
     assert "stage 'prepare' failed" in message
-    assert "eval_v2.jsonl, line 3: malformed JSON" in message  # the stage's own error, not just an exit code
+    assert "eval.jsonl, line 3: malformed JSON" in message  # the stage's own error, not just an exit code
     runs = task_runs(state.state_details.flow_run_id)
     assert [r.name for r in runs] == ["dvc-repro-prepare"]  # index never started
     assert runs[0].run_count == 1  # a user error is not retried (pipeline.retries=2)
