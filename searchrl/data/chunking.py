@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from searchrl.data.schema import Passage
+from searchrl.data.schema import CHUNK_TITLE_SEP, Passage
 
 KILT_MARKERS = re.compile(r"BULLET::::|Section::::")
 
@@ -34,7 +34,7 @@ def chunk_words(text: str, n: int) -> list[str]:
 def chunk_passage(p: Passage, n: int, title_in_text: bool = True) -> list[Passage]:
     chunks = chunk_words(clean_kilt(p.text), n)
     if title_in_text and p.title:
-        chunks = [f"{p.title}   {c}" for c in chunks]
+        chunks = [f"{p.title}{CHUNK_TITLE_SEP}{c}" for c in chunks]
     if len(chunks) <= 1:
         return [Passage(p.id, p.title, chunks[0] if chunks else p.text, p.source)]
     return [Passage(f"{p.id}#{k}", p.title, c, p.source) for k, c in enumerate(chunks)]

@@ -50,10 +50,15 @@ def passage_contents(title: str, text: str) -> str:
     return f"{title}\n{text}"
 
 
+CHUNK_TITLE_SEP = "   "  # a `title_in_text` chunk is f"{title}{CHUNK_TITLE_SEP}{words}" (R1-Searcher's KILT split)
+
+
 def passage_body(title: str, text: str) -> str:
-    """The text without the title that `title_in_text` chunks start with (shown once, as the title)."""
-    if title and text.startswith(title):
-        return text[len(title):].lstrip() or text
+    """The text without the title prefix of a `title_in_text` chunk, so the agent sees the title once.
+    A natural passage that merely starts with its title ("Anarchism is ...") is left whole."""
+    prefix = f"{title}{CHUNK_TITLE_SEP}"
+    if title and text.startswith(prefix) and len(text) > len(prefix):
+        return text[len(prefix):]
     return text
 
 

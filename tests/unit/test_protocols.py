@@ -92,10 +92,12 @@ def test_frames_exact_text():
 
 
 def test_chunk_that_starts_with_its_title_shows_the_title_once():
-    hit = Hit("1", "Anarchism", "Anarchism is a political philosophy.", 1.0)  # a title_in_text chunk
-    assert PP.documents_text([hit]) == "\n<document>\n(1) Anarchism: is a political philosophy.\n</document>\n"
-    assert "Title: Anarchism Text: is a political" in R1.documents_text([hit])
-    assert "(1) Anarchism: Anarchism" in PP.documents_text([Hit("1", "Anarchism", "Anarchism", 1.0)])
+    chunk = Hit("1", "Anarchism", "Anarchism   Anarchism is a political philosophy.", 1.0)  # title_in_text
+    assert PP.documents_text([chunk]) == ("\n<document>\n(1) Anarchism: Anarchism is a political philosophy.\n"
+                                          "</document>\n")
+    assert "Title: Anarchism Text: Anarchism is a political" in R1.documents_text([chunk])
+    natural = Hit("1", "Anarchism", "Anarchism is a political philosophy.", 1.0)  # left whole
+    assert "(1) Anarchism: Anarchism is a political philosophy." in PP.documents_text([natural])
 
 
 def test_passages_truncated_to_max_words():
