@@ -27,19 +27,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_side(backend, questions: list[str], batch_size: int, max_new_tokens: int) -> dict:
-    """The evaluate stage's closed-book generation (`answer_closed_book`'s prompts and stops), timed."""
-    from searchrl.agent.backends import CLOSED_BOOK_SYSTEM, chat_prompt_ids
+    """The evaluate stage's closed-book generation itself (`answer_closed_book`), timed; generated
+    tokens counted by the backend."""
+    from searchrl.agent.backends import answer_closed_book
 
-    prompts = [chat_prompt_ids(backend.tokenizer, CLOSED_BOOK_SYSTEM, q) for q in questions]
+    before = backend.stats["generated_tokens"]
     t0 = time.perf_counter()
-    gens = []
-    for s in range(0, len(prompts), batch_size):
-        gens += backend.generate(prompts[s: s + batch_size], max_new_tokens=max_new_tokens, stop=["\n\n"],
-                                 temperature=0.0)
+    answers = answer_closed_book(backend, questions, max_new_tokens, batch_size)
     wall = time.perf_counter() - t0
-    tokens = sum(len(g.token_ids) for g in gens)
+    tokens = backend.stats["generated_tokens"] - before
     return {"batch_size": batch_size, "wall_s": round(wall, 3), "generated_tokens": tokens,
-            "tokens_per_second": round(tokens / wall, 2), "answers": [g.token_ids for g in gens],
+            "tokens_per_second": round(tokens / wall, 2), "answers": answers,
             "load_avg_1m_after": round(os.getloadavg()[0], 2)}
 
 
