@@ -5,10 +5,14 @@
 
 Both sides run the same engine, model (SmolLM2-135M-Instruct, HF backend, greedy), protocol,
 questions, retriever and caps; the only difference is how many rollouts share a batch:
-- batched:    one `run_rollouts` call over all questions (up to agent batch_size concurrent rows);
-- sequential: `run_rollouts` on one question at a time (batch of 1; still the same decode loop).
+- batched:    one `run_rollouts` call over all questions (up to agent batch_size concurrent rows), with
+              continuous batching (a rollout rejoins the running batch as soon as its documents are in);
+- sequential: `run_rollouts` on one question at a time (batch of 1; still the same decode loop);
+- rounds:     batched, but in synchronous rounds (`agent.continuous_batching=false`): every rollout of a
+              round waits for the slowest before the next round starts (for comparison).
 Metric: generated model tokens per wall-clock second (env tokens not counted), and the share of the
-batched run's wall time spent inside `retriever.search`. Targets: >= 5x at 32 concurrent rollouts,
+batched run's wall time spent inside `retriever.search`. Also recorded: the median cost of one decode
+step with 1-32 rows over 380 cached tokens, which bounds what batching can gain on this machine. Targets: >= 5x at 32 concurrent rollouts,
 retrieval < 10% of wall time.
 
 The untrained 135M policy almost never opens a query by itself, so by default the prompt ends with
@@ -71,15 +75,40 @@ def make_retriever(kind: str, passages, workdir: Path):
     return ret, f"dense FAISS {cfg.factory} over {len(passages)} passages, encoder {cfg.encoder}, no cache"
 
 
-def run_side(backend, retriever, proto, questions, cfg, batched: bool) -> tuple[RolloutStats, dict]:
+def run_side(backend, retriever, proto, questions, cfg, side: str) -> tuple[RolloutStats, dict]:
     st = RolloutStats()
     before = dict(backend.stats)
-    if batched:
+    if side in ("batched", "rounds"):
+        cfg = cfg.model_copy(update={"continuous_batching": side == "batched"})
         run_rollouts(backend, retriever, proto, questions, n=1, temperature=0.0, agent_cfg=cfg, stats=st)
     else:
         for q in questions:
             run_rollouts(backend, retriever, proto, [q], n=1, temperature=0.0, agent_cfg=cfg, stats=st)
     return st, {k: backend.stats[k] - before[k] for k in ("decode_steps", "prefill_tokens", "reused_tokens")}
+
+
+def decode_step_ms(backend, rows: int, context: int = 380, steps: int = 12) -> float:
+    """Median wall time of one decode step of `rows` rows over `context` cached tokens (the backend's
+    own cache and forward): what a step costs at each batch occupancy on this machine."""
+    import torch
+
+    from searchrl.agent.backends import _grow_cache
+
+    ids = torch.randint(100, 1000, (rows, context))
+    attn = torch.ones(rows, context, dtype=torch.long)
+    pos = torch.arange(context).expand(rows, context)
+    times = []
+    with torch.inference_mode():
+        cache = _grow_cache(backend._n_layers, context + steps)
+        backend._forward(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache)
+        tok, nxt = ids[:, -1:], pos[:, -1:] + 1
+        for _ in range(steps):
+            attn = torch.cat([attn, attn.new_ones(rows, 1)], -1)
+            t0 = time.perf_counter()
+            backend._forward(input_ids=tok, attention_mask=attn, position_ids=nxt, past_key_values=cache)
+            times.append(time.perf_counter() - t0)
+            nxt = nxt + 1
+    return round(1000 * sorted(times)[len(times) // 2], 1)
 
 
 def summary(st: RolloutStats, bk: dict) -> dict:
@@ -125,17 +154,20 @@ def main() -> None:
 
     runs = []
     load = [os.getloadavg()[0]]
-    order = ["batched", "sequential"] + (["batched"] if args.repeats >= 2 else [])
+    order = ["batched", "sequential", "rounds"] + (["batched"] if args.repeats >= 2 else [])
     for side in order:
         t0 = time.perf_counter()
-        st, bk = run_side(backend, retriever, proto, questions, cfg, batched=(side == "batched"))
+        st, bk = run_side(backend, retriever, proto, questions, cfg, side)
         runs.append({"side": side, "wall_s": round(time.perf_counter() - t0, 2), **summary(st, bk),
                      "load_avg_1m_after": round(os.getloadavg()[0], 2)})
         print(f"{side:>10}: {st.generated_tokens} tokens in {st.wall_seconds:.1f}s = {st.tokens_per_second:.1f} tok/s, "
               f"retrieval {100 * st.retrieval_share:.1f}% of wall, rounds {st.rounds}, finish {st.finish}", flush=True)
         load.append(os.getloadavg()[0])
+    step_ms = {rows: decode_step_ms(backend, rows) for rows in (1, 2, 4, 8, 16, 32)}
+    print("decode step (ms) by rows in the batch:", step_ms)
     bat = [r for r in runs if r["side"] == "batched"]
     seq = next(r for r in runs if r["side"] == "sequential")
+    rnd = next(r for r in runs if r["side"] == "rounds")
     bat_tps = sum(r["tokens_per_second"] for r in bat) / len(bat)
     speedup = bat_tps / seq["tokens_per_second"] if seq["tokens_per_second"] else float("nan")
     ret_share = sum(r["retrieval_share"] for r in bat) / len(bat)
@@ -151,16 +183,19 @@ def main() -> None:
                   "max_segment_tokens": cfg.max_segment_tokens, "max_total_tokens": cfg.max_total_tokens,
                   "top_k": cfg.top_k, "temperature": 0.0},
         "runs": runs,
+        "decode_step_ms_by_rows": step_ms,
         "batched_tokens_per_s": round(bat_tps, 2),
         "sequential_tokens_per_s": seq["tokens_per_second"],
         "speedup": round(speedup, 2),
+        "rounds_tokens_per_s": rnd["tokens_per_second"],
+        "rounds_speedup": round(rnd["tokens_per_second"] / seq["tokens_per_second"], 2),
         "retrieval_share_batched": round(ret_share, 4),
         "targets": {"speedup": ">= 5", "retrieval_share": "< 0.10"},
         "met": {"speedup": bool(speedup >= 5), "retrieval_share": bool(ret_share < 0.10)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"speedup {speedup:.2f}x, retrieval share {100 * ret_share:.1f}% -> {args.out}")
+    print(f"speedup {speedup:.2f}x (synchronous rounds {result['rounds_speedup']:.2f}x), retrieval share {100 * ret_share:.1f}% -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class AgentCfg(Section):
     # HF backend: reuse the KV of each rollout's history across retrieval rounds (and of the shared
     # system prompt) instead of recomputing it; same outputs, less compute.
     kv_reuse: bool = True
+    # HF backend: a rollout whose query was answered rejoins the running batch at once (continuous
+    # batching) instead of waiting for every rollout of the round to stop; same tokens, fewer decode steps.
+    continuous_batching: bool = True
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     vllm_max_model_len: int = Field(0, ge=0)  # 0 = the model's own context length
 

@@ -4,8 +4,10 @@ Every backend implements one call, `generate(prompts, max_new_tokens=..., stop=.
 top_p=..., seed=...) -> list[Generation]`, over *token-id* prompts. The rollout engine never
 decodes-and-re-encodes history: it hands back `prompt_ids + completion ids so far` on every turn.
 
-- `HFBackend`: transformers on CPU or CUDA with our own decode loop (left padding, a KV cache that
-  grows in place, per-row stop strings, finished rows leave the batch). Greedy when temperature == 0.
+- `HFBackend`: transformers on CPU or CUDA with our own continuous-batching decode loop (left padding,
+  a KV cache that grows in place, per-row stop strings, finished rows leave the batch and waiting
+  requests take their place; `generate_stream` lets a finished request come back with more tokens
+  appended, e.g. retrieved documents). Greedy when temperature == 0.
 - `VLLMBackend`: offline `vllm.LLM` (GPU). `import vllm` happens only inside it.
 
 `Generation.token_ids` are exactly the sampled tokens: they include every token of a matched stop
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
@@ -196,10 +199,14 @@ def _grow_cache(n_layers: int, capacity: int):
         def get_seq_length(self) -> int:
             return self.n
 
-        def batch_select_indices(self, indices) -> None:
-            if self.kbuf is not None:
-                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
-                self._views()
+        def move_rows(self, moves: list[tuple[int, int]], k: int) -> None:
+            """Copy row src into row dst for each (dst, src), then keep the first k rows: in place, only
+            the filled columns of the rows that move (no new buffer, no page faults on fresh memory)."""
+            for dst, src in moves:
+                self.kbuf[dst, :, : self.n] = self.kbuf[src, :, : self.n]
+                self.vbuf[dst, :, : self.n] = self.vbuf[src, :, : self.n]
+            self.kbuf, self.vbuf = self.kbuf[:k], self.vbuf[:k]
+            self._views()
 
         def drop_leading(self, m: int) -> None:
             """Forget the first m positions (padding every remaining row shares)."""
@@ -213,6 +220,22 @@ def _grow_cache(n_layers: int, capacity: int):
             return (self.kbuf[j].index_select(-2, cols).contiguous(),
                     self.vbuf[j].index_select(-2, cols).contiguous())
 
+        def concat_from(self, a, b, capacity: int) -> None:
+            """Rows of layer a, then rows of layer b, both right-aligned at max(a.n, b.n) columns with
+            zeros in front (masked out)."""
+            N = max(a.n, b.n)
+            self.lazy_initialization(a.kbuf, a.vbuf)
+            Ba = a.kbuf.shape[0]
+            shape = (Ba + b.kbuf.shape[0], a.kbuf.shape[1], max(N, capacity), a.kbuf.shape[3])
+            self.kbuf, self.vbuf = a.kbuf.new_empty(shape), a.vbuf.new_empty(shape)
+            for buf, src_a, src_b in ((self.kbuf, a.kbuf, b.kbuf), (self.vbuf, a.vbuf, b.vbuf)):
+                buf[:Ba, :, : N - a.n].zero_()
+                buf[:Ba, :, N - a.n: N] = src_a[..., : a.n, :]
+                buf[Ba:, :, : N - b.n].zero_()
+                buf[Ba:, :, N - b.n: N] = src_b[..., : b.n, :]
+            self.n = N
+            self._views()
+
     class GrowCache(DynamicCache):
         def __init__(self):
             Cache.__init__(self, layers=[GrowLayer() for _ in range(n_layers)])
@@ -221,11 +244,86 @@ def _grow_cache(n_layers: int, capacity: int):
             for layer in self.layers:
                 layer.drop_leading(m)
 
-        def batch_select_indices(self, indices) -> None:
+        def keep_rows(self, keep: list[int]) -> list[int]:
+            """Keep rows `keep`; each dropped row among the first len(keep) is filled with a kept row from
+            the end (the fewest copies). Returns the old index of each new row."""
+            k = len(keep)
+            holes = sorted(set(range(k)) - set(keep))
+            moves = list(zip(holes, [j for j in keep if j >= k], strict=True))
             for layer in self.layers:
-                layer.batch_select_indices(indices)
+                layer.move_rows(moves, k)
+            order = list(range(k))
+            for dst, src in moves:
+                order[dst] = src
+            return order
+
+        def concat(self, other, capacity: int):
+            out = GrowCache()
+            for c, a, b in zip(out.layers, self.layers, other.layers, strict=True):
+                c.concat_from(a, b, capacity)
+            return out
 
     return GrowCache()
+
+
+@dataclass
+class _Row:
+    key: Any  # the caller's request key
+    prompt: list[int]
+    budget: int
+    ids: list[int] = field(default_factory=list)  # sampled so far
+    lps: list[float] = field(default_factory=list)
+
+
+class _Batch:
+    """The rows being decoded together: their KV cache (rows right-aligned, padding masked), attention
+    mask, next position ids and the logits each row's next token is sampled from."""
+
+    def __init__(self, backend, cache, attn, next_pos, logits, rows: list[_Row]):
+        self.backend, self.cache, self.attn, self.next_pos, self.logits, self.rows = (
+            backend, cache, attn, next_pos, logits, rows)
+
+    def row_kv(self, j: int):
+        cols = self.attn[j].nonzero()[:, 0]
+        return [layer.row(j, cols) for layer in self.cache.layers]
+
+    def select(self, keep: list[int]):
+        """Keep only rows `keep` (their order may change: returns the old index of each new row as a
+        tensor), and cut the padding columns every remaining row has in front."""
+        import torch
+
+        order = self.cache.keep_rows(keep)
+        sel = torch.tensor(order, dtype=torch.long, device=self.attn.device)
+        self.attn, self.next_pos = self.attn[sel], self.next_pos[sel]
+        self.rows = [self.rows[j] for j in order]
+        lead = int((self.attn.cumsum(-1) == 0).sum(-1).min().item())
+        if lead > 0:
+            self.cache.drop_leading(lead)
+            self.attn = self.attn[:, lead:]
+        return sel
+
+    def step(self, tok) -> None:
+        """Run each row's sampled token; the logits for the next one replace self.logits."""
+        import torch
+
+        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.shape[0], 1))], dim=-1)
+        self.logits = self.backend._forward(input_ids=tok[:, None], attention_mask=self.attn,
+                                            position_ids=self.next_pos[:, None], past_key_values=self.cache)
+        self.next_pos = self.next_pos + 1
+
+    def concat(self, other: _Batch) -> _Batch:
+        """This batch's rows, then other's (one copy of both caches)."""
+        import torch
+
+        na, nb = self.attn.shape[1], other.attn.shape[1]
+        N = max(na, nb)
+        rows = self.rows + other.rows
+        cache = self.cache.concat(other.cache, N + max(r.budget - len(r.ids) for r in rows) + 1)
+        attn = self.attn.new_zeros((len(rows), N))
+        attn[: len(self.rows), N - na:] = self.attn
+        attn[len(self.rows):, N - nb:] = other.attn
+        return _Batch(self.backend, cache, attn, torch.cat([self.next_pos, other.next_pos]),
+                      torch.cat([self.logits, other.logits]), rows)
 
 
 class _Entry:
@@ -307,20 +405,25 @@ class _PrefixStore:
 
 
 class HFBackend:
-    """transformers model + our own batched decode loop.
+    """transformers model + our own continuous-batching decode loop.
 
-    Per call: prompts are sorted by length and processed in chunks of `batch_size` rows; each chunk is
-    left-padded and prefilled once (logits for the last position only), then decoded one token per
-    step. After each step a row that sampled an EOS token, completed a stop string or reached its
-    token budget leaves the batch (its KV rows are dropped, and padding columns no remaining row
-    needs are cut), so a long row never makes finished rows pay for more steps.
+    Requests wait in a queue (sorted by prompt length, so rows decoded together pad little); up to
+    `batch_size` rows decode together, one token per row per step. A row that samples an EOS token,
+    completes a stop string or reaches its token budget leaves the batch at once (its KV row is
+    overwritten by a row from the end, and padding columns no remaining row needs are cut), and
+    waiting requests take the free rows: they are prefilled together (logits of the last position
+    only) in a batch of their own, which is then appended to the running batch (rows right-aligned,
+    padding in front). `generate_stream`'s callback can put a finished request back at the head of
+    the queue with more tokens appended (the rollout engine's retrieved documents), so no row ever
+    waits for the slowest one. Why it matters on a CPU: a decode step costs about as much with 4 rows
+    as with 16 (small-matrix GEMMs), so what counts is keeping rows busy.
 
-    Prefix KV reuse: a prompt prefix whose KV is already known is not run again. Within one call the
-    prompts' common prefix (the system prompt) is run once; inside `with backend.session():` (the
-    rollout engine opens one per `run_rollouts`) the KV of every row that stopped on a stop string is
-    kept, so the next round only runs the inserted document tokens. Rows then have two padding gaps
-    ([pad | reused KV | pad | new tokens]); the attention mask and explicit position ids make that
-    exact. Sessions must not span a weight update (the engine's do not).
+    Prefix KV reuse: a prompt prefix whose KV is already known is not run again. The common prefix
+    of the prompts admitted together (the system prompt) is run once; inside `with backend.session():`
+    (the rollout engine opens one per `run_rollouts`) the KV of every row that stopped on a stop string
+    is kept, so its continuation only runs the inserted document tokens. Rows then have two padding
+    gaps ([pad | reused KV | pad | new tokens]); the attention mask and explicit position ids make
+    that exact. Sessions must not span a weight update (the engine's do not).
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 32, kv_reuse: bool = True,
@@ -332,6 +435,7 @@ class HFBackend:
         self.session_max_bytes = session_max_bytes
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
+        self._n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         # decode_steps: forward passes that each sample one token for every row still in the batch,
         # so generated_tokens / decode_steps is the mean batch occupancy.
@@ -374,14 +478,31 @@ class HFBackend:
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], stop: list[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+
+        def collect(done):
+            for i, g in done:
+                out[i] = g
+            return []
+
+        self.generate_stream(prompts, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
+                             top_p=top_p, seed=seed, on_finish=collect)
+        return out  # type: ignore[return-value]
+
+    def generate_stream(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], on_finish,
+                        stop: list[str] = (), temperature: float = 0.0, top_p: float = 1.0,
+                        seed: int | None = None) -> None:
+        """Continuous batching. Request i is `prompts[i]`; when rows finish at a decode step,
+        `on_finish([(i, Generation), ...])` is called once with all of them and returns
+        `[(i, next_prompt_ids, budget), ...]`: requests that continue (e.g. the rollout with its
+        documents inserted). Those are admitted ahead of prompts not started yet, as soon as the
+        batch has room, while the other rows keep decoding."""
         import torch
 
         n = len(prompts)
         budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
         if len(budgets) != n:
             raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {n} prompts")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: empty prompt (every prompt needs at least one token)")
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=self.device)
@@ -389,27 +510,79 @@ class HFBackend:
         store = self._session
         if store is None and self.kv_reuse:
             store = _PrefixStore(self._default_store_bytes())
-        out: list[Generation | None] = [None] * n
-        order = sorted(range(n), key=lambda i: len(prompts[i]))
-        watcher = _StopWatcher(self.tokenizer, list(stop))
+        order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
+        waiting = deque((i, list(prompts[i]), budgets[i]) for i in order)
         t0 = time.perf_counter()
-        for s in range(0, n, self.batch_size):
-            idx = order[s: s + self.batch_size]
-            res = self._generate_chunk([list(prompts[i]) for i in idx], [budgets[i] for i in idx], watcher,
-                                       float(temperature), float(top_p), gen, store)
-            for i, g in zip(idx, res, strict=True):
-                out[i] = g
+        with torch.inference_mode():
+            self._decode(waiting, _StopWatcher(self.tokenizer, list(stop)), float(temperature), float(top_p), gen,
+                         store, on_finish)
         self.stats["calls"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
-        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
-        self.stats["generated_tokens"] += sum(len(g.token_ids) for g in out)
-        return out  # type: ignore[return-value]
+
+    def _decode(self, waiting: deque, watcher, temperature, top_p, gen, store, on_finish) -> None:
+        """The decode loop: admit waiting requests into free rows (one prefill forward for all of them,
+        then one copy that appends them to the running batch), sample one token per row, report the
+        rows that finished, drop them, run one decode forward for the rest."""
+
+        batch: _Batch | None = None
+        while waiting or batch is not None:
+            room = self.batch_size - (len(batch.rows) if batch is not None else 0)
+            if waiting and room > 0:
+                reqs = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+                if any(len(p) == 0 for _, p, _ in reqs):
+                    raise ValueError("generate: empty prompt (every prompt needs at least one token)")
+                self.stats["prompt_tokens"] += sum(len(p) for _, p, _ in reqs)
+                empty = [(k, Generation([], "", [], "length", None)) for k, _, b in reqs if b <= 0]
+                if empty:
+                    waiting.extendleft(reversed(on_finish(empty)))
+                reqs = [r for r in reqs if r[2] > 0]
+                if reqs:
+                    new = self._prefill(reqs, store)
+                    batch = new if batch is None else batch.concat(new)
+            if batch is None:
+                continue
+            self.stats["decode_steps"] += 1
+            tok, lp = self._sample(batch.logits, temperature, top_p, gen)
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            keep, done = [], []
+            for j, row in enumerate(batch.rows):
+                t = tok_l[j]
+                row.ids.append(t)
+                row.lps.append(lp_l[j])
+                finish, which = None, None
+                if t in self.eos_ids:
+                    finish = "eos"
+                else:
+                    which = watcher.match(row.ids)
+                    if which is not None:
+                        finish = "stop"
+                    elif len(row.ids) >= row.budget:
+                        finish = "length"
+                if finish is None:
+                    keep.append(j)
+                    continue
+                text_ids = row.ids[:-1] if finish == "eos" else row.ids
+                done.append((row.key, Generation(list(row.ids), decode(self.tokenizer, text_ids), row.lps,
+                                                 finish, which)))
+                self.stats["generated_tokens"] += len(row.ids)
+                if finish == "stop" and self._session is not None and (
+                        self._continue_stops is None or which in self._continue_stops):
+                    # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
+                    store.add(row.prompt + row.ids[:-1], batch.row_kv(j))
+            if done:
+                waiting.extendleft(reversed(on_finish(done)))  # continuations go first
+            if not keep:
+                batch = None
+                continue
+            if len(keep) < len(batch.rows):
+                tok = tok[batch.select(keep)]
+            batch.step(tok)
 
     def _forward(self, **kw):
         return self.model(use_cache=True, logits_to_keep=1, **kw).logits[:, -1, :]
 
     def _shared_prefix(self, prompts, store: _PrefixStore):
-        """Run the chunk's common prompt prefix once (batch 1) and register it in the store."""
+        """Run the common prompt prefix of a group of new prompts once (batch 1) and register it."""
         import torch
         from transformers.cache_utils import DynamicCache
 
@@ -431,105 +604,45 @@ class HFBackend:
         kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
         store.add(prompts[0][:lcp], kv, shared=True)
 
-    def _generate_chunk(self, prompts, budgets, watcher, temperature, top_p, gen, store) -> list[Generation]:
+    def _prefill(self, reqs, store) -> _Batch:
+        """One left-padded forward over the requests' prompts, starting from any KV the store has for a
+        prefix of each (rows are then [pad | reused KV | pad | new tokens]; mask + positions make it exact)."""
         import torch
 
         dev = self.device
-        B = len(prompts)
-        results: list[Generation | None] = [None] * B
-        ids_out: list[list[int]] = [[] for _ in range(B)]
-        lps_out: list[list[float]] = [[] for _ in range(B)]
-        live = []
-        for r in range(B):
-            if budgets[r] <= 0:
-                results[r] = Generation([], "", [], "length", None)
-            else:
-                live.append(r)
-        if not live:
-            return results  # type: ignore[return-value]
-        n_layers = self.model.config.get_text_config(decoder=True).num_hidden_layers
-        with torch.inference_mode():
-            # ---- reused prefixes
-            hits: list[tuple[_Entry | None, int]] = [(None, 0)] * len(live)
-            if store is not None:
-                hits = [store.lookup(prompts[r]) for r in live]
-                if len(live) > 1 and all(c == 0 for _, c in hits):
-                    self._shared_prefix([prompts[r] for r in live], store)
-                    hits = [store.lookup(prompts[r]) for r in live]
-            P = max(c for _, c in hits)
-            S = max(len(prompts[r]) - c for r, (_, c) in zip(live, hits, strict=True))
-            Bl = len(live)
-            inp = torch.full((Bl, S), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((Bl, P + S), dtype=torch.long)
-            pos = torch.zeros((Bl, S), dtype=torch.long)
-            for j, (r, (_, c)) in enumerate(zip(live, hits, strict=True)):
-                suffix = prompts[r][c:]
-                inp[j, S - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-                attn[j, P - c: P] = 1
-                attn[j, P + S - len(suffix):] = 1
-                pos[j, S - len(suffix):] = torch.arange(c, c + len(suffix))
-            inp, attn, pos = inp.to(dev), attn.to(dev), pos.to(dev)
-            cache = _grow_cache(n_layers, P + S + max(budgets[r] for r in live))
-            if P > 0:
-                for li, layer in enumerate(cache.layers):
-                    layer.load([(e.kv[li][0], e.kv[li][1], c) if e is not None and c > 0 else None
-                                for e, c in hits], P)
-                if self._session is not None:  # a fully reused history is not needed again
-                    for e, c in hits:
-                        if e is not None and not e.shared and c == len(e.seq):
-                            store.drop(e)
-            self.stats["prefill_tokens"] += int(sum(len(prompts[r]) - c for r, (_, c) in zip(live, hits,
-                                                                                             strict=True)))
-            self.stats["reused_tokens"] += int(sum(c for _, c in hits))
-            logits = self._forward(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=cache)
-            next_pos = pos[:, -1] + 1
-            rows = list(live)
-            while True:
-                self.stats["decode_steps"] += 1
-                tok, lp = self._sample(logits, temperature, top_p, gen)
-                tok_l, lp_l = tok.tolist(), lp.tolist()
-                keep = []
-                for j, r in enumerate(rows):
-                    t = tok_l[j]
-                    ids_out[r].append(t)
-                    lps_out[r].append(lp_l[j])
-                    finish, which = None, None
-                    if t in self.eos_ids:
-                        finish = "eos"
-                    else:
-                        which = watcher.match(ids_out[r])
-                        if which is not None:
-                            finish = "stop"
-                        elif len(ids_out[r]) >= budgets[r]:
-                            finish = "length"
-                    if finish is None:
-                        keep.append(j)
-                        continue
-                    ids = ids_out[r]
-                    text_ids = ids[:-1] if finish == "eos" else ids
-                    results[r] = Generation(list(ids), decode(self.tokenizer, text_ids), lps_out[r], finish, which)
-                    if finish == "stop" and self._session is not None and (
-                            self._continue_stops is None or which in self._continue_stops):
-                        # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
-                        cols = attn[j].nonzero()[:, 0]
-                        kv = [layer.row(j, cols) for layer in cache.layers]
-                        store.add(prompts[r] + ids[:-1], kv)
-                if not keep:
-                    break
-                if len(keep) < len(rows):
-                    sel = torch.tensor(keep, dtype=torch.long, device=dev)
-                    cache.batch_select_indices(sel)
-                    attn, tok, next_pos = attn[sel], tok[sel], next_pos[sel]
-                    rows = [rows[j] for j in keep]
-                    lead = int((attn.cumsum(-1) == 0).sum(-1).min().item())  # padding shared by every row
-                    if lead > 0:
-                        cache.drop_leading(lead)
-                        attn = attn[:, lead:]
-                attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
-                logits = self._forward(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                                       past_key_values=cache)
-                next_pos = next_pos + 1
-        return results  # type: ignore[return-value]
+        prompts = [p for _, p, _ in reqs]
+        hits: list[tuple[_Entry | None, int]] = [(None, 0)] * len(reqs)
+        if store is not None:
+            hits = [store.lookup(p) for p in prompts]
+            if len(reqs) > 1 and all(c == 0 for _, c in hits):
+                self._shared_prefix(prompts, store)
+                hits = [store.lookup(p) for p in prompts]
+        P = max(c for _, c in hits)
+        S = max(len(p) - c for p, (_, c) in zip(prompts, hits, strict=True))
+        B = len(reqs)
+        inp = torch.full((B, S), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + S), dtype=torch.long)
+        pos = torch.zeros((B, S), dtype=torch.long)
+        for j, (p, (_, c)) in enumerate(zip(prompts, hits, strict=True)):
+            suffix = p[c:]
+            inp[j, S - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            attn[j, P - c: P] = 1
+            attn[j, P + S - len(suffix):] = 1
+            pos[j, S - len(suffix):] = torch.arange(c, c + len(suffix))
+        inp, attn, pos = inp.to(dev), attn.to(dev), pos.to(dev)
+        cache = _grow_cache(self._n_layers, P + S + max(b for _, _, b in reqs))
+        if P > 0:
+            for li, layer in enumerate(cache.layers):
+                layer.load([(e.kv[li][0], e.kv[li][1], c) if e is not None and c > 0 else None for e, c in hits], P)
+            if self._session is not None:  # a fully reused history is not needed again
+                for e, c in hits:
+                    if e is not None and not e.shared and c == len(e.seq):
+                        store.drop(e)
+        self.stats["prefill_tokens"] += int(sum(len(p) - c for p, (_, c) in zip(prompts, hits, strict=True)))
+        self.stats["reused_tokens"] += int(sum(c for _, c in hits))
+        logits = self._forward(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=cache)
+        rows = [_Row(k, p, b) for k, p, b in reqs]
+        return _Batch(self, cache, attn, pos[:, -1] + 1, logits, rows)
 
     @staticmethod
     def _sample(logits, temperature: float, top_p: float, gen):

@@ -1,13 +1,20 @@
 """The batched multi-turn rollout loop with retrieval in it (evaluation, rejection sampling, RL).
 
-One loop for every protocol (searchrl/agent/protocols.py) and backend (searchrl/agent/backends.py):
+One loop for every protocol (searchrl/agent/protocols.py) and backend (searchrl/agent/backends.py).
+A rollout alternates model segments and environment segments:
 
-    round r:  every unfinished rollout generates its next segment, in one backend call, until a stop
-              string (query close / answer close), EOS, or its token budget;
-              every pending query of the round goes to ONE `retriever.search(queries, k)` call
-              (identical queries are sent once);
-              each searching rollout gets its document block appended as an env segment.
-    until no rollout is unfinished.
+    the model generates until a stop string (query close / answer close), EOS, or its token budget;
+    the rollouts that stopped together hand every query among them to ONE
+    `retriever.search(queries, k)` call (identical queries are sent once);
+    each searching rollout gets its document block appended as an env segment and goes on;
+    until every rollout has finished.
+
+Scheduling (`agent.continuous_batching`). With a backend that streams (HFBackend.generate_stream)
+a rollout whose documents are in rejoins the running batch at once, while the others keep decoding,
+and new rollouts fill rows as soon as they free up: the batch never waits for its slowest row. Any
+other backend (vLLM, whose automatic prefix caching and scheduler do the same inside one call; the
+test fakes), or `continuous_batching=false`, runs synchronous rounds: every unfinished rollout in one
+`generate` call, then one retrieval call for the round. The tokens are the same either way (greedy).
 
 Token-in, token-out: the next prompt of a rollout is `prompt_ids + every completion id so far`
 (the model's tokens exactly as sampled, plus the env tokens); history is never decoded and
@@ -25,10 +32,8 @@ Finish reasons: answered | max_retrievals | length | malformed (EOS without an a
 close tag without its open tag, an empty query where the protocol makes it fatal, or an answer
 close tag without its open tag).
 
-Rounds are synchronous (as in R1-Searcher's loop): inside a round the backend drops rows that
-finish from its batch, and the next round starts once every row of the round has stopped. With the
-HF backend the round's prompts reuse the KV of each rollout's history (`backend.session()`), so a
-round costs only its new tokens; vLLM does the same with its automatic prefix caching.
+With the HF backend the KV of each rollout's history is kept (`backend.session()`), so a rollout that
+goes on after a retrieval costs only its new tokens.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
     tok = backend.tokenizer
     specials = _special_tokens(tok)
     t_start = time.perf_counter()
-    tokens_before = st.generated_tokens
+    tokens_before, retrieval_before = st.generated_tokens, st.retrieval_seconds
 
     rollouts: list[_Rollout] = []
     prompt_cache: dict[str, tuple[str, list[int]]] = {}
@@ -132,73 +137,91 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
     st.rollouts += len(rollouts)
 
     stops = proto.stops if cfg.stop_at_answer else [proto.query_close]
-    with _session(backend, [proto.query_close]):
-        active = [r for r in rollouts if cfg.max_total_tokens > 0]
-        rnd = 0
-        while active:
-            budgets = [min(cfg.max_segment_tokens, cfg.max_total_tokens - r.used) for r in active]
-            t0 = time.perf_counter()
-            gens = backend.generate([r.ids for r in active], max_new_tokens=budgets, stop=stops,
-                                    temperature=temperature, top_p=top_p,
-                                    seed=None if seed is None else int(seed) * 1_000_003 + rnd)
-            st.generate_seconds += time.perf_counter() - t0
-            pending: list[tuple[_Rollout, str]] = []
-            notices: list[_Rollout] = []
-            for r, g in zip(active, gens, strict=True):
-                r.traj.segments.append(Segment("model", g.text, list(g.token_ids), list(g.logprobs)))
-                r.ids.extend(g.token_ids)
-                r.used += len(g.token_ids)
-                st.generated_tokens += len(g.token_ids)
-                first = len(r.traj.segments) == 1
-                act = proto.parse_segment(g.text, g.stop if g.finish == "stop" else None,
-                                          lead=proto.assistant_prefix if first else "")
-                if act.kind == "answer":
-                    _finish(proto, r, "answered")
-                elif act.kind == "bad_query":
-                    _finish(proto, r, "malformed")
-                elif act.kind == "search":
-                    if r.traj.retrievals >= cfg.max_retrievals:
-                        _finish(proto, r, "max_retrievals")
-                    elif r.used >= cfg.max_total_tokens:
-                        _finish(proto, r, "length")
-                    elif not act.query:
-                        if proto.empty_query_fatal:
-                            _finish(proto, r, "malformed")
-                        else:
-                            notices.append(r)
-                    else:
-                        pending.append((r, act.query))
-                elif g.finish == "length":
-                    _finish(proto, r, "length")
-                else:  # EOS (or a stop string the protocol does not act on)
-                    _finish(proto, r, "answered" if proto.extract_answer(r.traj.model_text) is not None
-                            else "malformed")
+    log_every, last_log = 15.0, [time.perf_counter()]
+    streaming = cfg.continuous_batching and callable(getattr(backend, "generate_stream", None))
+    base_seed = None if seed is None else int(seed) * 1_000_003
 
-            hits_by_query: dict[str, list] = {}
-            if pending:
-                uniq = list(dict.fromkeys(q for _, q in pending))
-                t0 = time.perf_counter()
-                results = retriever.search(uniq, cfg.top_k)
-                st.retrieval_seconds += time.perf_counter() - t0
-                st.retrieval_calls += 1
-                st.queries += len(pending)
-                st.unique_queries += len(uniq)
-                if len(results) != len(uniq):
-                    raise RuntimeError(f"retriever returned {len(results)} result lists for {len(uniq)} queries")
-                hits_by_query = dict(zip(uniq, results, strict=True))
-            for r in notices:
-                _insert(r, proto.empty_query_text(), "", [], tok, cfg, proto, st)
-            for r, q in pending:
-                hits = list(hits_by_query[q])[: cfg.top_k]
-                _insert(r, proto.documents_text(hits, specials), q, [h.id for h in hits], tok, cfg, proto, st)
-            # progress: rounds can take minutes on a CPU
-            elapsed, made = time.perf_counter() - t_start, st.generated_tokens - tokens_before
-            log.info("round %d: %d rollouts generated, %d queries; %d of %d still running; %d model tokens "
-                     "in %.0fs (%.1f tok/s)", rnd, len(gens), len(pending), sum(not r.done for r in active),
-                     len(rollouts), made, elapsed, made / max(elapsed, 1e-9))
-            active = [r for r in active if not r.done]
-            rnd += 1
-        st.rounds += rnd
+    def budget(r: _Rollout) -> int:
+        return min(cfg.max_segment_tokens, cfg.max_total_tokens - r.used)
+
+    def advance(done: list[tuple[int, Any]]) -> list[tuple[int, list[int], int]]:
+        """Take the generations of rollouts that stopped; one retrieval call for every query among them;
+        insert the documents. Returns (key, next prompt, budget) of the rollouts that go on."""
+        pending: list[tuple[_Rollout, str]] = []
+        notices: list[_Rollout] = []
+        for key, g in done:
+            r = rollouts[key]
+            r.traj.segments.append(Segment("model", g.text, list(g.token_ids), list(g.logprobs)))
+            r.ids.extend(g.token_ids)
+            r.used += len(g.token_ids)
+            st.generated_tokens += len(g.token_ids)
+            first = len(r.traj.segments) == 1
+            act = proto.parse_segment(g.text, g.stop if g.finish == "stop" else None,
+                                      lead=proto.assistant_prefix if first else "")
+            if act.kind == "answer":
+                _finish(proto, r, "answered")
+            elif act.kind == "bad_query":
+                _finish(proto, r, "malformed")
+            elif act.kind == "search":
+                if r.traj.retrievals >= cfg.max_retrievals:
+                    _finish(proto, r, "max_retrievals")
+                elif r.used >= cfg.max_total_tokens:
+                    _finish(proto, r, "length")
+                elif not act.query:
+                    if proto.empty_query_fatal:
+                        _finish(proto, r, "malformed")
+                    else:
+                        notices.append(r)
+                else:
+                    pending.append((r, act.query))
+            elif g.finish == "length":
+                _finish(proto, r, "length")
+            else:  # EOS (or a stop string the protocol does not act on)
+                _finish(proto, r, "answered" if proto.extract_answer(r.traj.model_text) is not None else "malformed")
+
+        hits_by_query: dict[str, list] = {}
+        if pending:
+            uniq = list(dict.fromkeys(q for _, q in pending))
+            t0 = time.perf_counter()
+            results = retriever.search(uniq, cfg.top_k)
+            st.retrieval_seconds += time.perf_counter() - t0
+            st.retrieval_calls += 1
+            st.queries += len(pending)
+            st.unique_queries += len(uniq)
+            if len(results) != len(uniq):
+                raise RuntimeError(f"retriever returned {len(results)} result lists for {len(uniq)} queries")
+            hits_by_query = dict(zip(uniq, results, strict=True))
+        for r in notices:
+            _insert(r, proto.empty_query_text(), "", [], tok, cfg, proto, st)
+        for r, q in pending:
+            hits = list(hits_by_query[q])[: cfg.top_k]
+            _insert(r, proto.documents_text(hits, specials), q, [h.id for h in hits], tok, cfg, proto, st)
+        st.rounds += 1
+        now = time.perf_counter()
+        if not streaming or now - last_log[0] >= log_every:  # progress: a rollout batch can take minutes on a CPU
+            last_log[0] = now
+            made = st.generated_tokens - tokens_before
+            log.info("%d of %d rollouts finished, %d queries so far; %d model tokens in %.0fs (%.1f tok/s)",
+                     sum(r.done for r in rollouts), len(rollouts), st.queries, made, now - t_start,
+                     made / max(now - t_start, 1e-9))
+        return [(key, rollouts[key].ids, budget(rollouts[key])) for key, _ in done if not rollouts[key].done]
+
+    with _session(backend, [proto.query_close]):
+        keys = list(range(len(rollouts)))
+        t0 = time.perf_counter()
+        if streaming:
+            backend.generate_stream([rollouts[k].ids for k in keys], max_new_tokens=[budget(rollouts[k]) for k in keys],
+                                    stop=stops, temperature=temperature, top_p=top_p, seed=base_seed,
+                                    on_finish=advance)
+        else:  # synchronous rounds: every unfinished rollout in one generate call per round
+            rnd = 0
+            while keys:
+                gens = backend.generate([rollouts[k].ids for k in keys], max_new_tokens=[budget(rollouts[k]) for k in keys],
+                                        stop=stops, temperature=temperature, top_p=top_p,
+                                        seed=None if base_seed is None else base_seed + rnd)
+                keys = [k for k, _, _ in advance(list(zip(keys, gens, strict=True)))]
+                rnd += 1
+        st.generate_seconds += time.perf_counter() - t0 - (st.retrieval_seconds - retrieval_before)
 
     st.wall_seconds += time.perf_counter() - t_start
     for r in rollouts:

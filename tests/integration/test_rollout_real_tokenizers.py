@@ -206,12 +206,20 @@ def test_batched_equals_alone_real_model():
     qs = [("a", Q1), ("b", "What is the capital of France?"), ("c", Q2)]
     ret = KeywordRetriever(CORPUS)
     together = run_rollouts(backend, ret, proto, qs, agent_cfg=cfg)
+    continuous_steps = backend.stats["decode_steps"]
     assert sum(t.retrievals for t in together) >= 1
     lengths = {len(t.completion_ids) for t in together}
     assert len(lengths) > 1  # mixed finishing times
-    for q, t in zip(qs, together, strict=True):
+    rounds_cfg = cfg.model_copy(update={"continuous_batching": False})
+    steps_before = backend.stats["decode_steps"]
+    in_rounds = run_rollouts(backend, ret, proto, qs, agent_cfg=rounds_cfg)
+    print("decode steps: continuous", continuous_steps, "rounds", backend.stats["decode_steps"] - steps_before)
+    # a rollout that searched rejoins the batch at once instead of waiting for the round to end
+    assert continuous_steps < backend.stats["decode_steps"] - steps_before
+    for q, t, r in zip(qs, together, in_rounds, strict=True):
         alone = run_rollouts(backend, ret, proto, [q], agent_cfg=cfg)[0]
-        assert [s.role for s in alone.segments] == [s.role for s in t.segments]
-        assert alone.completion_ids == t.completion_ids, (alone.completion_text, t.completion_text)
-        assert alone.queries == t.queries and alone.finish_reason == t.finish_reason
-        assert max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs, strict=True)) < 1e-3
+        for other in (alone, r):  # continuous batching == synchronous rounds == alone
+            assert [s.role for s in other.segments] == [s.role for s in t.segments]
+            assert other.completion_ids == t.completion_ids, (other.completion_text, t.completion_text)
+            assert other.queries == t.queries and other.finish_reason == t.finish_reason
+            assert max(abs(a - b) for a, b in zip(other.logprobs, t.logprobs, strict=True)) < 1e-3

@@ -303,6 +303,40 @@ def test_hf_kv_reuse_session_gives_same_tokens(tiny, tok):
     assert st["reused_tokens"] > st["prefill_tokens"]  # round 2 ran only the env tokens
 
 
+def test_hf_stream_continuations_equal_fresh_generations(tiny, tok):
+    """Continuous batching: rows that finish come back with text appended (as a rollout does after a
+    retrieval) and rejoin the running batch; every generation equals a fresh one on the same prompt."""
+    prompts = _prompts(tok)
+    env = encode(tok, "\n<document>\n(1) inserted text\n</document>\n")
+    budgets = [3, 9, 5, 7, 4]  # rows finish at different steps, so rejoining rows meet running ones
+    seen: dict[int, list] = {}
+
+    def on_finish(done):
+        more = []
+        for i, g in done:
+            seen.setdefault(i, []).append(g)
+            if len(seen[i]) < 3:  # two continuations each
+                prompt = calls[i][-1] + g.token_ids + env
+                calls[i].append(prompt)
+                more.append((i, prompt, budgets[i] + len(seen[i])))
+        return more
+
+    calls = {i: [p] for i, p in enumerate(prompts)}
+    steps = tiny.stats["decode_steps"]
+    tiny.generate_stream(prompts, max_new_tokens=budgets, on_finish=on_finish)
+    streamed_steps = tiny.stats["decode_steps"] - steps
+    assert {i: len(g) for i, g in seen.items()} == {i: 3 for i in range(5)}
+    for i, gens in seen.items():
+        for k, g in enumerate(gens):
+            fresh = tiny.generate([calls[i][k]], max_new_tokens=budgets[i] + k)[0]
+            assert g.token_ids == fresh.token_ids and g.finish == fresh.finish == "length"
+            assert max(abs(x - y) for x, y in zip(g.logprobs, fresh.logprobs, strict=True)) < 1e-4
+    # 5 requests x 3 generations through 3 rows: rows were shared (fewer steps than tokens) and never
+    # more than 3 at a time (at least tokens / 3 steps)
+    tokens = sum(len(g.token_ids) for gens in seen.values() for g in gens)
+    assert tokens / 3 <= streamed_steps < tokens
+
+
 def test_hf_sampling_logprobs_are_of_the_sampled_distribution(tiny, tok):
     import torch
 
