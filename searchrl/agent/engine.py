@@ -62,7 +62,7 @@ class _Rollout:
 @dataclass
 class RolloutStats:
     rollouts: int = 0
-    rounds: int = 0
+    rounds: int = 0  # batches of stopped rollouts handled: synchronous rounds, or (continuous) decode steps
     generated_tokens: int = 0  # model tokens
     env_tokens: int = 0
     generate_seconds: float = 0.0
