@@ -511,7 +511,7 @@ class HFBackend:
         if store is None and self.kv_reuse:
             store = _PrefixStore(self._default_store_bytes())
         order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-        waiting = deque((i, list(prompts[i]), budgets[i]) for i in order)
+        waiting = deque((i, prompts[i], budgets[i]) for i in order)
         t0 = time.perf_counter()
         with torch.inference_mode():
             self._decode(waiting, _StopWatcher(self.tokenizer, list(stop)), float(temperature), float(top_p), gen,
@@ -641,7 +641,7 @@ class HFBackend:
         self.stats["prefill_tokens"] += int(sum(len(p) - c for p, (_, c) in zip(prompts, hits, strict=True)))
         self.stats["reused_tokens"] += int(sum(c for _, c in hits))
         logits = self._forward(input_ids=inp, attention_mask=attn, position_ids=pos, past_key_values=cache)
-        rows = [_Row(k, p, b) for k, p, b in reqs]
+        rows = [_Row(k, list(p), b) for k, p, b in reqs]  # own copy: callers extend their histories
         return _Batch(self, cache, attn, pos[:, -1] + 1, logits, rows)
 
     @staticmethod

@@ -260,9 +260,4 @@ def _finish(proto: Protocol, r: _Rollout, reason: str) -> None:
 def _session(backend, continue_stops):
     """The backend's KV-reuse session for one run_rollouts (HFBackend), or a no-op."""
     session = getattr(backend, "session", None)
-    if not callable(session):
-        return contextlib.nullcontext()
-    try:
-        return session(continue_stops=continue_stops)
-    except TypeError:
-        return session()
+    return session(continue_stops=continue_stops) if callable(session) else contextlib.nullcontext()
