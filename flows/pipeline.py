@@ -14,9 +14,22 @@ nothing downstream runs; the stage publishes its outputs atomically, so the prev
 
 The flow opens the MLflow parent run and hands its id to the stages (SEARCHRL_PARENT_RUN_ID), which
 nest their runs under it. After `evaluate` it publishes the evaluation table as a markdown artifact.
+A run holds its workspace's lock (`searchrl.workspace.workspace_lock`) from writing the workspace to
+its last stage: a second run of the same preset waits for it instead of racing on its files.
 
-Runs locally with no server: Prefect starts its temporary local API server (a few seconds).
-Point PREFECT_API_URL at a `prefect server start` server to keep the runs in its UI.
+An RL stage in vLLM server mode (`rl.vllm_mode: server`) with `vllm_server.managed: true` runs beside
+the policy's vLLM server (`stage_services`): the flow starts `vllm serve` on `vllm_server.gpus`, waits
+for its /health, runs the stage against it (TRL syncs the weights into it every step) and stops it
+with its process group when the stage ends, fails or is interrupted; the log is in the workspace's
+`logs/vllm_server_<stage>.log`.
+
+Before the flow starts, `main` checks the config (one line and exit 2 on a bad preset, override,
+model name or device: `searchrl.models.check_models`) and the MLflow tracking server (a few seconds'
+health check, one line naming the URI and exit 2 when it is down).
+
+Runs locally with no server: `main` starts a temporary Prefect API server tied to its own life
+(flows/server.py: stopped on exit and killed by the kernel if the flow process dies). Point
+PREFECT_API_URL at a `prefect server start` server to keep the runs in its UI.
 """
 
 from __future__ import annotations
@@ -34,8 +47,10 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -45,11 +60,12 @@ import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 
 from searchrl import tracking  # noqa: E402
 from searchrl.config import load_params, project_root  # noqa: E402
-from searchrl.errors import ConfigError  # noqa: E402
-from searchrl.workspace import make_workspace  # noqa: E402
+from searchrl.errors import ConfigError, SearchRLError  # noqa: E402
+from searchrl.workspace import make_workspace, plan_workspace, workspace_lock  # noqa: E402
 
 USER_ERROR_EXIT = 2  # searchrl.stage.run_stage: bad config / input / failed validation
 RAN = re.compile(r"^Running stage '([^']+)'")
@@ -110,18 +126,23 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     ran: list[str] = []
+    # its own process group: a flow that is stopped (Ctrl-C, SIGTERM) interrupts the whole stage with it
     with subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1, errors="replace") as proc:
-        for line in proc.stdout:  # text mode splits on \r too: tqdm updates arrive as lines
-            line = line.rstrip()
-            if not line:
-                continue
-            logger.info(line)
-            tail.append(line)
-            if m := RAN.match(line) or CACHED.match(line):
-                ran.append(m.group(1))
-            if ERROR_LINE.match(line):
-                errors.append(line)
+                          text=True, bufsize=1, errors="replace", start_new_session=True) as proc:
+        try:
+            for line in proc.stdout:  # text mode splits on \r too: tqdm updates arrive as lines
+                line = line.rstrip()
+                if not line:
+                    continue
+                logger.info(line)
+                tail.append(line)
+                if m := RAN.match(line) or CACHED.match(line):
+                    ran.append(m.group(1))
+                if ERROR_LINE.match(line):
+                    errors.append(line)
+        except BaseException:
+            interrupt(proc)
+            raise
     if proc.returncode != 0:
         user_error = re.search(rf"exited with {USER_ERROR_EXIT}\b", "\n".join(tail)) is not None
         detail = "\n".join(errors) if errors else "\n".join(tail)
@@ -130,6 +151,92 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
     seconds = round(time.perf_counter() - t0, 1)
     logger.info("stage %s: %s in %.1fs", stage, "ran" if stage in ran else "up to date", seconds)
     return {"stage": stage, "ran": ran, "up_to_date": stage not in ran, "seconds": seconds}
+
+
+def interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Stop a stage's process group as Ctrl-C would (SIGINT: the stage ends its MLflow run KILLED and
+    drops its temp outputs), SIGKILL after `grace_s` seconds."""
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+def rl_ablation_of(stage: str) -> tuple[bool, str | None]:
+    """(is an RL stage, its ablation name): rl -> (True, None), rl_ablation@x -> (True, 'x')."""
+    if stage == "rl":
+        return True, None
+    if stage.startswith("rl_ablation@"):
+        return True, stage.split("@", 1)[1]
+    return False, None
+
+
+def stage_up_to_date(workspace: Path, stage: str) -> bool:
+    """True when DVC would skip the stage (`dvc status <stage>` reports nothing); False when it would
+    run or DVC cannot tell."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(workspace)) as repo:
+            return not repo.status(targets=[stage])
+    except Exception:  # noqa: BLE001 (unknown: assume it runs, so it gets what it needs)
+        return False
+
+
+def vllm_server_model(params, ablation: str | None, workspace: Path) -> str:
+    """The model the managed server starts with: vllm_server.model, else the run's RL init (a workspace
+    path such as models/sft, an embedded alias or a hub id). TRL pushes the training weights into it
+    before every step; its architecture and tokenizer must be the policy's."""
+    from searchrl.models import causal_lm_path
+
+    name = params.vllm_server.model or params.rl_config(ablation).init
+    local = workspace / name
+    return str(local.resolve()) if local.exists() else causal_lm_path(name)
+
+
+@contextlib.contextmanager
+def stage_services(params, stage: str, workspace: Path, env: dict[str, str], logger=None):
+    """What a stage needs running while it runs. An RL stage in vLLM server mode (`rl.use_vllm`,
+    `rl.vllm_mode: server`) with `vllm_server.managed` gets the policy's vLLM server: started with
+    `vllm_server.command` on `vllm_server.gpus` (searchrl.agent.vllm_server.serve_command), its GET /health
+    awaited, stopped with its whole process group when the stage ends, fails or is interrupted (the
+    `with` block; the kernel's parent-death signal if the flow itself is killed). Output in
+    <workspace>/<vllm_server.log_dir>/vllm_server_<stage>.log. A stage DVC will skip starts nothing."""
+    from searchrl import services
+    from searchrl.agent.vllm_server import serve_command, serve_env
+
+    is_rl, ablation = rl_ablation_of(stage)
+    srv = params.vllm_server
+    cfg = params.rl_config(ablation) if is_rl else None
+    if cfg is None or not (srv.managed and cfg.use_vllm and cfg.vllm_mode == "server"):
+        yield None
+        return
+    logger = logger or get_run_logger()
+    if stage_up_to_date(workspace, stage):
+        logger.info("stage %s is up to date: no vLLM server started", stage)
+        yield None
+        return
+    url = srv.base_url()
+    if services.probe(f"{url}/health", timeout_s=2.0):
+        raise services.ServiceError(f"vllm_server: something already answers {url}/health; stop it or change "
+                                    "vllm_server.port (the flow starts its own server there)")
+    cmd = serve_command(srv, vllm_server_model(params, ablation, workspace), params.policy.dtype)
+    log_path = workspace / srv.log_dir / f"vllm_server_{stage.replace('@', '_')}.log"
+    logger.info("vLLM server for %s on GPUs %s: %s (log %s)", stage, srv.gpus or "(inherited)",
+                services.redacted(cmd), log_path)
+    t0 = time.perf_counter()
+    with services.running(cmd, f"{url}/health", env={**env, **serve_env(srv)}, log_path=log_path, cwd=workspace,
+                          timeout_s=srv.startup_timeout_s, name=f"vLLM server ({stage})",
+                          grace_s=srv.stop_grace_s) as service:
+        logger.info("vLLM server for %s answers %s after %.0fs (pid %d)", stage, url, time.perf_counter() - t0,
+                    service.pid)
+        try:
+            yield service
+        finally:
+            logger.info("stopping the vLLM server of %s", stage)
 
 
 def publish_evaluation(workspace: Path, out_dir: str, label: str) -> str | None:
@@ -153,6 +260,11 @@ def publish_evaluation(workspace: Path, out_dir: str, label: str) -> str | None:
 def searchrl_pipeline(preset: str | None = None, overrides: list[str] | None = None,
                       stages: list[str] | None = None) -> dict:
     """Run the DVC stages (all, or `stages`) on params.yaml + preset + overrides."""
+    with workspace_lock(plan_workspace(preset, overrides).workspace):
+        return _pipeline(preset, overrides, stages)
+
+
+def _pipeline(preset: str | None, overrides: list[str] | None, stages: list[str] | None) -> dict:
     logger = get_run_logger()
     workspace = make_workspace(preset, overrides)
     params = load_params(workspace / "params.yaml")
@@ -167,19 +279,18 @@ def searchrl_pipeline(preset: str | None = None, overrides: list[str] | None = N
     results: dict[str, dict] = {}
     # The parent MLflow run: the stages (DVC subprocesses) nest under it via SEARCHRL_PARENT_RUN_ID.
     with tracking.stage_run("pipeline", params, run_name=f"pipeline-{label}") as parent:
-        import mlflow
-
-        mlflow.set_tags({"preset": label, "stages": ",".join(selected), "workspace": str(workspace),
-                         "overrides": " ".join(overrides or [])})
+        tracking.set_tags({"preset": label, "stages": ",".join(selected), "workspace": str(workspace),
+                           "overrides": " ".join(overrides or [])})
         parent_id = parent.info.run_id
         env = stage_env(workspace, parent_id, tracking.tracking_uri(params))
         for stage in selected:
-            results[stage] = run_task(stage, str(workspace), env)
+            with stage_services(params, stage, workspace, env):
+                results[stage] = run_task(stage, str(workspace), env)
             # wall time per stage, comparable across runs in the MLflow UI ('@' is not a metric character)
-            mlflow.log_metric(f"stage_seconds/{stage.replace('@', '.')}", results[stage]["seconds"])
+            tracking.log_metrics({f"stage_seconds/{stage.replace('@', '.')}": results[stage]["seconds"]})
         table = publish_evaluation(workspace, params.evaluate.out_dir, label) if "evaluate" in selected else None
         if table:
-            mlflow.log_text(table + "\n", "evaluation.md")
+            tracking.log_text(table + "\n", "evaluation.md")
     ran = [s for r in results.values() for s in r["ran"]]
     logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)")
     return {"workspace": str(workspace), "stages": selected, "ran": ran, "parent_run_id": parent_id,
@@ -194,16 +305,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", metavar="STAGE", help="run these stages (and what they need)")
     args = ap.parse_args(argv)
     try:
-        make_workspace(args.preset, args.overrides)  # a bad preset / override: one line, no flow run
-    except ConfigError as err:
+        check_before_run(args.preset, args.overrides, args.stages)
+    except SearchRLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    state = searchrl_pipeline(preset=args.preset, overrides=args.overrides, stages=args.stages,
-                              return_state=True)
+    from flows.server import tied_server
+
+    signal.signal(signal.SIGTERM, _terminate)  # clean up (server, stage, MLflow run) as on Ctrl-C
+    try:
+        with tied_server():
+            state = searchrl_pipeline(preset=args.preset, overrides=args.overrides, stages=args.stages,
+                                      return_state=True)
+    except (KeyboardInterrupt, TerminationSignal):
+        print("\npipeline interrupted", file=sys.stderr)
+        return 130
+    except SearchRLError as err:  # the temporary Prefect server did not come up
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if state.is_failed():
         print(f"\npipeline failed: {state.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_before_run(preset: str | None, overrides: list[str], stages: list[str] | None,
+                     server: bool = True) -> None:
+    """Everything that can be known wrong before any stage work, as one SearchRLError line: the preset
+    and overrides (validated, nothing written), the model names and devices the stages load, and
+    (`server`) the MLflow tracking server."""
+    from searchrl.models import check_models
+
+    plan = plan_workspace(preset, overrides)
+    check_models(plan.params, workdir=plan.workspace, stages=stages or None)
+    if plan.params.vllm_server.managed and (not stages or any(rl_ablation_of(s)[0] for s in stages)):
+        from searchrl.agent.vllm_server import serve_command
+
+        serve_command(plan.params.vllm_server, "model", plan.params.policy.dtype)  # the executable exists
+    if server:
+        tracking.check_server(tracking.tracking_uri(plan.params))
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

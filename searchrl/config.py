@@ -19,10 +19,10 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from searchrl.errors import ConfigError
 
@@ -32,10 +32,30 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------- shared
+def check_device(value: str) -> str:
+    """auto | cpu | cuda | cuda:N; anything else is a ValueError with the closest valid spelling.
+    (Whether this machine has that CUDA device is checked at stage start: searchrl.models.check_devices.)"""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return value
+    v = value.strip().lower().replace(" ", "")
+    gpu = re.fullmatch(r"(?:gpu|cuda|nvidia)[:_-]?(\d*)", v)
+    if gpu:
+        fix = "cuda" + (f":{gpu.group(1)}" if gpu.group(1) else "")
+    elif re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        fix = v
+    else:
+        fix = next(iter(difflib.get_close_matches(v, ["auto", "cpu", "cuda", "cuda:0"], n=1)), None)
+    hint = f"; did you mean '{fix}'?" if fix else ""
+    raise ValueError(f"'{value}' is not a device (auto, cpu, cuda or cuda:N){hint}")
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+
+
 class PolicyCfg(Section):
     model: str = "smollm2-135m-instruct"  # embedded alias, hub id, or local dir
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
 
 
 class TrackingCfg(Section):
@@ -48,7 +68,7 @@ class AgentCfg(Section):
     """The multi-turn search loop shared by evaluation, rejection sampling and RL."""
 
     protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     max_retrievals: int = Field(8, ge=0)
     max_segment_tokens: int = Field(512, ge=1)
     max_total_tokens: int = Field(1024, ge=1)
@@ -57,6 +77,10 @@ class AgentCfg(Section):
     top_k: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     cache_path: str = "data/cache/retrieval.sqlite"
+    # a retrieval call that raises is retried this many times (exponential backoff from
+    # retrieval_backoff_s, with jitter) before the stage stops with one line naming index and query
+    retrieval_retries: int = Field(3, ge=0)
+    retrieval_backoff_s: float = Field(0.5, ge=0)
     # Stop generating at the answer's closing tag (R1-Searcher's evaluation); false = let the model end
     # the rollout itself (EOS after </answer>, as in R1-Searcher's training rollouts).
     stop_at_answer: bool = True
@@ -68,6 +92,22 @@ class AgentCfg(Section):
     continuous_batching: bool = True
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     vllm_max_model_len: int = Field(0, ge=0)  # 0 = the model's own context length
+    # backend vllm_server: a policy served by `vllm serve` (searchrl/agent/vllm_server.py), one HTTP request
+    # per rollout row, vllm_server_concurrency in flight. vllm_server_model: the served name to ask for;
+    # "" = the model the stage would load (policy.model, models/sft, ...), so a server that serves another
+    # model is refused rather than silently evaluated
+    vllm_server_url: str = ""  # e.g. http://127.0.0.1:8000
+    vllm_server_model: str = ""
+    vllm_server_concurrency: int = Field(128, ge=1)
+    vllm_server_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _server_url(self) -> AgentCfg:
+        if self.backend == "vllm_server" and not re.match(r"^https?://\S+$", self.vllm_server_url):
+            got = f"'{self.vllm_server_url}'" if self.vllm_server_url else "nothing"
+            raise ValueError(f"agent.vllm_server_url: backend vllm_server needs the server's http(s) URL, e.g. "
+                             f"http://127.0.0.1:8000 (got {got})")
+        return self
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -150,6 +190,18 @@ class PrepareCfg(Section):
 
 
 # ----------------------------------------------------------------------------- index
+def check_faiss_factory(factory: str) -> None:
+    """ValueError naming `index.factory` unless faiss parses it (at a dimension most PQ splits divide)."""
+    import faiss
+
+    try:
+        faiss.index_factory(3072, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        why = str(err).rsplit(":", 1)[-1].strip()
+        raise ValueError(f"index.factory: faiss cannot build '{factory}' ({why}); e.g. Flat, HNSW32,Flat, "
+                         "IVF4096,PQ64, HNSW32,SQ8") from None
+
+
 class IndexCfg(Section):
     kind: Literal["dense", "bm25"] = "dense"
     encoder: str = "all-minilm-l6-v2"  # embedded alias, hub id or local dir
@@ -160,13 +212,19 @@ class IndexCfg(Section):
     batch_size: int = Field(128, ge=1)
     shard_size: int = Field(8192, ge=1)  # passages per resumable embedding shard
     max_length: int = Field(256, ge=8)
-    device: str = "auto"  # encoder device: auto | cpu | cuda | cuda:N
+    device: Device = "auto"  # encoder device: auto | cpu | cuda | cuda:N
     train_sample: int = Field(100_000, ge=1)  # vectors sampled to train IVF / PQ factories
     nprobe: int = Field(16, ge=1)  # IVF lists visited per query (search time)
     ef_search: int = Field(64, ge=1)  # HNSW efSearch (search time)
     keep_embeddings: bool = True  # keep the shards after a build: a new factory re-uses them
     work_dir: str = ""  # embedding shards; "" = <out_dir>.work next to the index
     out_dir: str = "data/index"
+
+    @model_validator(mode="after")
+    def _factory_parses(self) -> IndexCfg:
+        if self.kind == "dense":
+            check_faiss_factory(self.factory)
+        return self
 
 
 # ----------------------------------------------------------------------------- sample / sft / rl
@@ -193,7 +251,9 @@ class DifficultyCfg(Section):
 class SampleCfg(Section):
     """Rejection sampling for the SFT cold start (searchrl/training/sampling.py)."""
 
-    # samplers in order; each later one only fills questions left short of keep_per_question
+    # samplers in order; each later one only fills questions left short of keep_per_question. oracle = the
+    # source's gold evidence (Knowledge World hop chains, or the formats in formats.EVIDENCE_FORMATS):
+    # checked against prepare's training inputs at load time (Params._check_oracle_evidence)
     sampler: list[Literal["policy", "teacher", "oracle"]] = ["policy", "oracle"]
     teacher_model: str | None = None  # local dir / hub id / vllm:<id> / http(s)://host/v1 (OpenAI-compatible)
     teacher_api: Literal["completions", "chat"] = "completions"  # HTTP teachers only
@@ -233,6 +293,13 @@ class SampleCfg(Section):
         return self
 
 
+# transformers' SchedulerType values (tests/unit/test_config_enums.py keeps the two in step); a Literal so
+# that a typo fails when params are loaded, before any stage touches its checkpoints
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                      "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                      "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"]
+
+
 class SftCfg(Section):
     """Masked SFT cold start (searchrl/training/sft.py); batch_size is the effective batch
     (micro_batch_size x gradient accumulation)."""
@@ -241,7 +308,7 @@ class SftCfg(Section):
     batch_size: int = Field(8, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: LrScheduler = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -301,7 +368,7 @@ class RlCfg(Section):
     phases: list[RlPhaseCfg] = []  # empty: one phase of `max_steps` steps with `reward`
     memorization: bool = True
     memorization_weight: float = Field(0.1, ge=0)  # mu
-    rewriter: Literal["policy", "teacher", "oracle"] = "oracle"
+    rewriter: Literal["policy", "teacher", "oracle"] = "oracle"  # oracle: gold evidence, as sample.sampler
     rewrite_max_tokens: int = Field(160, ge=8)
     num_generations: int = Field(4, ge=2)
     prompts_per_step: int = Field(2, ge=1)
@@ -319,9 +386,40 @@ class RlCfg(Section):
     collapse_window: int = Field(5, ge=2)
     collapse_format_drop: float = Field(0.3, gt=0, le=1)  # absolute drop of the format-valid rate
     collapse_reward_drop: float = Field(0.3, gt=0)  # drop of the mean reward
+    # How the per-token losses of one step are aggregated (the papers: OpenRLHF's masked mean over each
+    # sequence's policy tokens, then the mean over sequences). token_mean: one mean over every policy
+    # token of the step (DAPO); seq_mean_token_sum: each sequence's token sum, mean over sequences.
+    loss_aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    # A rollout that ended on a length cap mid-turn (finish "length") is excluded from the loss when true
+    # (the papers train on it: false). The truncation rate is logged every step either way.
+    mask_truncated: bool = False
+    # Dynamic sampling (DAPO): a group whose rewards are all equal carries no signal; when true such groups
+    # are replaced by groups of newly drawn questions, up to dynamic_sampling_max_draws extra draws per step
+    # (then the step keeps what it has). The informative fraction is logged every step either way.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = Field(3, ge=1)
+    # memorization on but an empty memorization set for this many steps in a row: a loud warning
+    memorization_warn_steps: int = Field(3, ge=1)
+    # LoRA on the policy (one GPU): only the adapters train; the frozen base under them is the KL reference
+    # (the phase's starting weights); each phase publishes the merged model
+    use_lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    gradient_checkpointing: bool = False  # CUDA only: recompute activations in the backward pass
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # colocated vLLM's share of the GPU (TRL)
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_server_base_url: str | None = None
+    # Importance-sampling correction of vLLM rollouts for the train/inference logprob mismatch (TRL's
+    # vllm_importance_sampling_*; TRL's own default is on, sequence_mask). The papers have none: off.
+    # *_truncate clips the ratio to [importance_sampling_min, importance_sampling_cap], *_mask zeroes
+    # tokens / sequences outside it. HF rollouts come from the training weights themselves; the mismatch
+    # |logp_train - logp_rollout| is logged every step whatever this setting.
+    importance_sampling: Literal["off", "token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask"] = "off"
+    importance_sampling_cap: float = Field(3.0, gt=1)
+    importance_sampling_min: float | None = Field(None, ge=0, lt=1)
     checkpoint_dir: str = "models/.rl-checkpoints"  # not a DVC output: survives an interrupted run
     metrics_dir: str = "reports/rl"
     out_dir: str = "models/rl"
@@ -364,6 +462,79 @@ class EvaluateCfg(Section):
     out_dir: str = "reports/eval"
 
 
+class LauncherCfg(Section):
+    """How the sft and rl stages start (searchrl/launch.py): one process, or `accelerate launch` with
+    `processes` processes per machine (one per GPU) and an accelerate config (configs/accelerate/)."""
+
+    processes: int = Field(1, ge=1)
+    config_file: str = ""  # e.g. configs/accelerate/zero3.yaml; "" = accelerate's defaults (DDP)
+    machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str = ""
+    main_process_port: int = Field(29500, ge=1, le=65535)
+    extra_args: list[str] = []  # more `accelerate launch` flags
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> LauncherCfg:
+        if self.machines > 1 and not self.main_process_ip:
+            raise ValueError("launcher.main_process_ip: set it to rank 0's address when machines > 1")
+        if self.machine_rank >= self.machines:
+            raise ValueError(f"launcher.machine_rank ({self.machine_rank}) must be < launcher.machines "
+                             f"({self.machines})")
+        return self
+
+
+class VllmServerCfg(Section):
+    """A vLLM server the flow starts for the RL stages in server mode (`rl.use_vllm`, `rl.vllm_mode:
+    server`; flows/pipeline.py): before such a stage runs, `command` is started on its own GPUs, the
+    flow waits for GET /health, the stage trains against it (TRL syncs the weights into it each step),
+    and the server is stopped when the stage ends, fails or is interrupted. Its output goes to
+    `<log_dir>/vllm_server_<stage>.log` in the workspace. Like `launcher`, not a DVC parameter: where
+    the server runs does not change what is trained. The managed server's URL (host, port) becomes
+    `rl.vllm_server_base_url` when that is unset."""
+
+    managed: bool = False
+    # {python} {model} {host} {port} {tensor_parallel_size} {gpu_memory_utilization} {dtype} are filled in;
+    # the flags are the ones `trl vllm-serve` adds for TRL's trainers (NCCL weight transfer, the logprobs of
+    # the distribution actually sampled from, no cap on logprobs)
+    command: list[str] = ["vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}",
+                          "--tensor-parallel-size", "{tensor_parallel_size}",
+                          "--gpu-memory-utilization", "{gpu_memory_utilization}", "--dtype", "{dtype}",
+                          "--weight-transfer-config", '{"backend": "nccl"}',
+                          "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1"]
+    extra_args: list[str] = []  # appended to command, e.g. [--max-model-len, "9216", --max-num-seqs, "256"]
+    model: str = ""  # "" = the stage's RL init model (rl.init): its weights are the rollout policy of step 0
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES of the server, e.g. "7"; "" = inherited
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    startup_timeout_s: float = Field(1200.0, gt=0)  # a 7B model loads and captures CUDA graphs in minutes
+    stop_grace_s: float = Field(60.0, ge=0)  # SIGTERM, then SIGKILL after this long
+    log_dir: str = "logs"
+    # added to the flow's environment, which the server inherits (put secrets such as HF_TOKEN there, not
+    # here); TRL's weight-sync endpoints need vLLM's dev mode
+    env: dict[str, str] = {"VLLM_SERVER_DEV_MODE": "1"}
+
+    @model_validator(mode="after")
+    def _gpus(self) -> VllmServerCfg:
+        if not re.fullmatch(r"(\d+(,\d+)*)?", self.gpus.replace(" ", "")):
+            raise ValueError(f"vllm_server.gpus: '{self.gpus}' is not a list of GPU indices such as \"7\" or \"6,7\"")
+        n = len(self.gpu_ids())
+        if n and n < self.tensor_parallel_size:
+            raise ValueError(f"vllm_server.tensor_parallel_size ({self.tensor_parallel_size}) needs that many GPUs; "
+                             f"vllm_server.gpus lists {n}")
+        return self
+
+    def gpu_ids(self) -> list[int]:
+        return [int(g) for g in self.gpus.replace(" ", "").split(",") if g]
+
+    def base_url(self) -> str:
+        """http://host:port (a server bound to 0.0.0.0 is reached as 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
 class PipelineCfg(Section):
     retrain_cron: str = "0 3 * * 0"  # scheduled retraining (Prefect deployment), weekly by default
     retries: int = Field(1, ge=0)
@@ -382,6 +553,8 @@ class Params(Section):
     # named overlays on `rl` (deep-merged), each trained by the rl_ablation DVC stage into <rl.out_dir>_<name>
     rl_ablations: dict[str, dict[str, Any]] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
+    launcher: LauncherCfg = LauncherCfg()
+    vllm_server: VllmServerCfg = VllmServerCfg()
     pipeline: PipelineCfg = PipelineCfg()
 
     def rl_config(self, ablation: str | None = None) -> RlCfg:
@@ -419,8 +592,60 @@ class Params(Section):
                 raise ValueError(f"rl_ablations.{name}: {err}") from None
         for method in self.evaluate.methods:
             if method not in EVAL_METHODS and method.removeprefix("rl_") not in self.rl_ablations:
+                known = [*EVAL_METHODS, *(f"rl_{name}" for name in self.rl_ablations)]
+                close = difflib.get_close_matches(method, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ValueError(f"evaluate.methods: unknown method '{method}' (known: "
-                                 f"{', '.join(EVAL_METHODS)}, or rl_<name> for a name in rl_ablations)")
+                                 f"{', '.join(EVAL_METHODS)}, or rl_<name> for a name in rl_ablations){hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> Params:
+        """Under several processes every rank must get whole RL groups and equal SFT micro-batches."""
+        n = self.launcher.processes * self.launcher.machines
+        if n == 1:
+            return self
+        if self.sft.batch_size % (self.sft.micro_batch_size * n):
+            raise ValueError(f"sft.batch_size ({self.sft.batch_size}) must be a multiple of sft.micro_batch_size x "
+                             f"processes ({self.sft.micro_batch_size} x {n}) under launcher.processes")
+        for name in [None, *self.rl_ablations]:
+            cfg = self.rl_config(name)
+            where = "rl" if name is None else f"rl_ablations.{name}"
+            if cfg.prompts_per_step % n:
+                raise ValueError(f"{where}.prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
+                                 f"{n} training processes (each rank rolls out whole groups)")
+            local = cfg.prompts_per_step // n * cfg.num_generations
+            if local % cfg.micro_batch_size:
+                raise ValueError(f"{where}.micro_batch_size ({cfg.micro_batch_size}) must divide each rank's "
+                                 f"{local} rollouts (prompts_per_step / processes x num_generations)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_vllm_server(self) -> Params:
+        """A flow-managed server serves the RL runs in server mode: their base URL is the server's, and
+        it must not sit on a training GPU (accelerate puts rank r on cuda:r)."""
+        srv = self.vllm_server
+        if not srv.managed:
+            return self
+        runs = [None, *self.rl_ablations]
+        try:
+            served = [n for n in runs if (c := self.rl_config(n)).use_vllm and c.vllm_mode == "server"]
+        except ValueError:
+            return self  # a bad overlay is reported by _check_rl
+        if not served:
+            raise ValueError("vllm_server.managed: no RL run uses a vLLM server (set rl.use_vllm: true and "
+                             "rl.vllm_mode: server, or managed: false)")
+        url = srv.base_url()
+        if self.rl.vllm_server_base_url not in (None, "", url):
+            raise ValueError(f"rl.vllm_server_base_url ({self.rl.vllm_server_base_url}) is not the managed server's "
+                             f"{url} (vllm_server.host / port): leave it unset, or set vllm_server.managed: false")
+        self.rl.vllm_server_base_url = url
+        training = set(range(self.launcher.processes))
+        clash = sorted(set(srv.gpu_ids()) & training) if self.policy.device != "cpu" else []
+        if clash:
+            raise ValueError(f"vllm_server.gpus: GPU {clash[0]} also runs a training process (launcher.processes: "
+                             f"{self.launcher.processes} use GPUs 0-{self.launcher.processes - 1}); give the server "
+                             f"the GPUs after them, e.g. \"{self.launcher.processes}\"")
         return self
 
     @model_validator(mode="after")
@@ -441,6 +666,59 @@ class Params(Section):
                 if not resolve_input(spec.path).exists():
                     raise ValueError(f"prepare.hf.corpus[{i}].path: file not found: {spec.path}")
         return self
+
+    @model_validator(mode="after")
+    def _check_oracle_evidence(self) -> Params:
+        """An oracle sampler or rewriter needs gold evidence in the training data, a teacher rewriter a
+        teacher model: a setting that cannot work fails here, before any stage runs."""
+        users: list[str] = ["sample.sampler"] if "oracle" in self.sample.sampler else []
+        for name in (None, *self.rl_ablations):
+            try:
+                cfg = self.rl_config(name)
+            except ValueError:
+                continue  # a bad overlay is reported by _check_rl
+            if not (cfg.memorization and any(p.reward.kind == "r1searcher_pp" for p in cfg.run_phases())):
+                continue  # no memorization, or only R1-Searcher phases (which do not rewrite)
+            key = f"rl_ablations.{name}.rewriter" if name and "rewriter" in self.rl_ablations[name] else "rl.rewriter"
+            if cfg.rewriter == "teacher" and not self.sample.teacher_model:
+                raise ValueError(f"{key}: 'teacher' needs sample.teacher_model (the sample stage's teacher: a local "
+                                 "dir, hub id, vllm:<id> or http(s)://host/v1) — or use policy")
+            if cfg.rewriter == "oracle" and key not in users:
+                users.append(key)
+        gap = missing_evidence(self.prepare) if users else None
+        if gap:
+            raise ValueError(f"{users[0]}: 'oracle' needs gold evidence (Knowledge World hop chains or HotpotQA/2Wiki/"
+                             f"MuSiQue supporting facts); {gap} — use policy or teacher")
+        return self
+
+
+def missing_evidence(prepare: PrepareCfg) -> str | None:
+    """None when the training data carries gold evidence for the oracle sampler / rewriter (the
+    Knowledge World's hop chains, or a train input whose format is in formats.EVIDENCE_FORMATS; an hf
+    dataset by its name's format); else what the source is, for the error line. Inputs it cannot judge
+    (a missing file, an `auto` file that cannot be sniffed, no train inputs) are left to other checks."""
+    from searchrl.data import formats, hf
+    from searchrl.errors import InputError
+
+    if prepare.source == "knowledge_world":
+        return None
+    if prepare.source == "hf":
+        names = [d.name for d in prepare.hf.datasets if d.role == "train"]
+        if not names or any(hf.DEFAULTS[n].format in formats.EVIDENCE_FORMATS for n in names):
+            return None
+        return f"prepare.source hf with dataset {', '.join(dict.fromkeys(names))} has none"
+    found = []
+    for spec in prepare.jsonl.train:
+        fmt = spec.format
+        if fmt == "auto":
+            try:
+                fmt = formats.detect_format(resolve_input(spec.path))
+            except InputError:
+                return None
+        if fmt in formats.EVIDENCE_FORMATS:
+            return None
+        found.append(fmt)
+    return f"prepare.source jsonl with format {', '.join(dict.fromkeys(found))} has none" if found else None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -472,11 +750,41 @@ def deep_merge(base: dict, overlay: dict) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value)."""
+    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value); ConfigError (one line, with a corrected
+    value where closing brackets or quotes make it parse) for a malformed key or value."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. evaluate.top_k=5")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{item}': key '{key.strip()}' has an empty part (expected e.g. "
+                          "evaluate.top_k=5)")
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        fix = _yaml_fix(value)
+        hint = f"; did you mean '{key.strip()}={fix}'?" if fix else " (quote it to pass it as text)"
+        raise ConfigError(f"override '{item}': the value '{value}' of '{key.strip()}' is not valid YAML "
+                          f"({why}){hint}") from None
+
+
+def _yaml_fix(value: str) -> str | None:
+    """The value with its unclosed brackets / braces closed, or quoted, if that parses as YAML."""
+    closers = []
+    for ch in value:
+        if ch in "[{":
+            closers.append("]" if ch == "[" else "}")
+        elif ch in "]}" and closers and closers[-1] == ch:
+            closers.pop()
+    quoted = "'" + value.replace("'", "''") + "'"
+    for candidate in (value + "".join(reversed(closers)), quoted):
+        try:
+            yaml.safe_load(candidate)
+        except yaml.YAMLError:
+            continue
+        return candidate
+    return None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -484,10 +792,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section")
+                raise ConfigError(f"override '{item}': '{'.'.join(keys[:i + 1])}' is not a section")
         node[keys[-1]] = value
     return raw
 
@@ -521,8 +829,16 @@ def _format_error(err: ValidationError, source: str, root: type[BaseModel] | Non
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(parent.model_fields)})"
         return f"{source}: unknown key '{dotted}'{hint}"
     if e["type"] == "value_error":
-        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
+        msg = e["msg"].removeprefix("Value error, ")
+        # a field validator's message lacks the key (a model validator's names it itself)
+        leaf = bool(loc) and not isinstance(loc[-1], int) and _model_for_path(loc, root) is None
+        return f"{source}: '{dotted}': {msg}" if leaf else f"{source}: {msg}"
     got = e.get("input")
+    if e["type"] == "literal_error":  # a misspelt choice: name the closest one
+        choices = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.5)
+        if close:
+            return f"{source}: '{dotted}': {e['msg']} (got {got!r}; did you mean '{close[0]}'?)"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: '{dotted}': {e['msg']} (got {got!r}){more}"
 

@@ -42,3 +42,7 @@ class IndexCorruptedError(SearchRLError):
 
 class DataValidationError(SearchRLError):
     """A Great Expectations suite failed; the message summarises which expectations and examples."""
+
+
+class TrackingError(SearchRLError):
+    """The MLflow tracking server is unreachable or refuses us; the message names the URI."""

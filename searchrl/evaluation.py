@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from searchrl.agent.backends import clean_short_answer
-from searchrl.data.schema import QARecord, passage_body
+from searchrl.data.schema import QARecord
 from searchrl.metrics import aggregate, score
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,29 @@ class Prediction:
                 "format_valid": self.format_valid, **self.scores}
 
 
-def format_passages(hits) -> str:
-    return "\n".join(f"({i}) {h.title}: {passage_body(h.title, h.text)}" for i, h in enumerate(hits, start=1))
+def is_trained(method: str) -> bool:
+    """Methods that evaluate a trained model (models/sft, models/rl, models/rl_<ablation>)."""
+    return method == "sft" or method == "rl" or method.startswith("rl_")
 
 
-def rag_prompts(tokenizer, questions: list[str], hits_per_question) -> list[list[int]]:
-    from searchrl.agent.backends import chat_prompt_ids
+def format_passages(hits, max_words: int = 120, extra_tokens=()) -> str:
+    """The RAG prompt's passages, one a line, each shown as the agent sees it (`passage_view`:
+    sanitised, at most `max_words` words of title and text)."""
+    from searchrl.agent.protocols import passage_view
 
-    return [chat_prompt_ids(tokenizer, RAG_SYSTEM, f"Passages:\n{format_passages(hits)}\n\nQuestion: {q}")
+    lines = []
+    for i, h in enumerate(hits, start=1):
+        title, text = passage_view(h.title, h.text, max_words, extra_tokens)
+        lines.append(f"({i}) {title}: {text}" if title else f"({i}) {text}")
+    return "\n".join(lines)
+
+
+def rag_prompts(tokenizer, questions: list[str], hits_per_question, max_words: int = 120) -> list[list[int]]:
+    from searchrl.agent.backends import added_tokens, chat_prompt_ids
+
+    specials = added_tokens(tokenizer)
+    return [chat_prompt_ids(tokenizer, RAG_SYSTEM,
+                            f"Passages:\n{format_passages(hits, max_words, specials)}\n\nQuestion: {q}")
             for q, hits in zip(questions, hits_per_question, strict=True)]
 
 
@@ -71,14 +86,15 @@ def predict_direct(backend, records: list[QARecord], max_new_tokens: int, batch_
     from searchrl.agent.backends import answer_closed_book
 
     answers = answer_closed_book(backend, [r.question for r in records], max_new_tokens, batch_size)
-    return [_prediction(r, "direct", clean_short_answer(a)) for r, a in zip(records, answers, strict=True)]
+    return [make_prediction(r, "direct", clean_short_answer(a)) for r, a in zip(records, answers, strict=True)]
 
 
-def predict_rag(backend, retriever, records: list[QARecord], top_k: int, max_new_tokens: int) -> list[Prediction]:
+def predict_rag(backend, retriever, records: list[QARecord], top_k: int, max_new_tokens: int,
+                max_passage_words: int = 120) -> list[Prediction]:
     hits = retriever.search([r.question for r in records], top_k)
-    prompts = rag_prompts(backend.tokenizer, [r.question for r in records], hits)
+    prompts = rag_prompts(backend.tokenizer, [r.question for r in records], hits, max_passage_words)
     gens = backend.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-    return [_prediction(r, "rag", clean_short_answer(g.text), retrievals=1, retrieved_ids=[h.id for h in hs])
+    return [make_prediction(r, "rag", clean_short_answer(g.text), retrievals=1, retrieved_ids=[h.id for h in hs])
             for r, g, hs in zip(records, gens, hits, strict=True)]
 
 
@@ -87,17 +103,20 @@ def predict_agent(backend, retriever, records: list[QARecord], protocol_name: st
     from searchrl.agent.engine import run_rollouts
     from searchrl.agent.protocols import get_protocol
 
-    protocol = get_protocol(protocol_name)
+    protocol = get_protocol(protocol_name, agent_cfg)
     trajs = run_rollouts(backend, retriever, protocol, records, n=1, temperature=0.0, agent_cfg=agent_cfg, seed=seed)
     by_id = {t.question_id: t for t in trajs}
-    return [_prediction(r, method, (t.answer or "").strip(), retrievals=t.retrievals,
+    # the raw <answer> text, surrounding spaces kept: R1-Searcher's pred_ans (METHOD.md B.8, C)
+    return [make_prediction(r, method, t.answer if t.answer is not None else "", retrievals=t.retrievals,
                         internal_steps=t.internal_steps, finish_reason=t.finish_reason,
                         format_valid=t.finish_reason == "answered" and not protocol.validate(t),
                         retrieved_ids=[pid for ids in t.retrieved_ids for pid in ids])
             for r in records for t in [by_id[r.id]]]
 
 
-def _prediction(record: QARecord, method: str, text: str, **kw) -> Prediction:
+def make_prediction(record: QARecord, method: str, text: str, **kw) -> Prediction:
+    """A scored prediction row: `text` is scored exactly as given (METHOD.md C: for the agents the raw
+    <answer> text, surrounding spaces kept, so "True" / "False" map to yes / no only when exact)."""
     pred = Prediction(id=record.id, dataset=record.dataset, method=method, question=record.question,
                       prediction=text, golds=record.answers, metadata=record.metadata, **kw)
     pred.scores = score(text, record.answers)

@@ -1,7 +1,13 @@
-"""Small file helpers shared by every stage: atomic publishing, strict JSONL reading, hashing.
+"""Small file helpers shared by every stage: atomic publishing, strict JSONL reading, hashing,
+disposable caches.
 
-Stages never write an output in place: they write to a sibling temp path and `os.replace` it, so a
-crash or a failed validation leaves the previous output untouched.
+Stages never write an output in place: they write to a sibling temp path `.NAME.tmp-PID` and
+`os.replace` it, so a crash or a failed validation leaves the previous output untouched. A process
+killed mid-publish leaves its `.NAME.tmp-PID` (or `.NAME.old-PID`) behind; the next `atomic_path`
+on the same NAME removes those whose PID is no longer alive (`sweep_stale`).
+
+Caches (retrieval SQLite, probe answers, token-length orders) are disposable: a damaged one is moved
+aside as `NAME.damaged-<UTC time>` with a warning naming it (`quarantine`), and rebuilt.
 """
 
 from __future__ import annotations
@@ -9,20 +15,80 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from searchrl.errors import InputError
 
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (signal 0 probes without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def sweep_stale(final: str | os.PathLike) -> list[Path]:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `final` left by dead processes (a kill
+    during `atomic_path`); returns what was removed. Live processes' temp paths are kept."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)$")
+    removed = []
+    for sibling in final.parent.iterdir():
+        m = pattern.match(sibling.name)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
+        log.info("removed %s, left by a process that no longer runs", sibling)
+        removed.append(sibling)
+    return removed
+
+
+def quarantine(path: str | os.PathLike, reason: str, sidecars: tuple[str, ...] = ()) -> Path:
+    """Move a damaged cache file aside to `NAME.damaged-<UTC time>` (with its `sidecars`, e.g.
+    SQLite's "-wal" / "-shm", as `NAME<sidecar>.damaged-...`), warn naming both paths, and return
+    the new path. The caller then rebuilds the cache from scratch."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    with contextlib.suppress(FileNotFoundError):  # another process may have moved it first
+        os.replace(path, aside)
+    for suffix in sidecars:
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(side, side.with_name(f"{side.name}.damaged-{stamp}"))
+    log.warning("cache %s is damaged (%s); moved it to %s and rebuilding it (the moved file can be "
+                "deleted)", path, reason, aside.name)
+    return aside
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `final`; on success move it into place (file or directory)."""
+    """Yield a temp path next to `final`; on success move it into place (file or directory).
+    Temp paths of dead processes next to `final` are swept first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.is_dir():
         shutil.rmtree(tmp)

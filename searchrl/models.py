@@ -7,19 +7,33 @@ A name is one of:
 - a hub id such as `Qwen/Qwen2.5-7B-Instruct` or `BAAI/bge-large-en-v1.5` (the real hub code path;
   offline machines fail with a clear message).
 
+`check_models(params)` checks every model-name key (policy.model, index.encoder, rl.init of the run
+and of each ablation, sample.teacher_model) and every device key before a stage or the flow does any
+work: a name that is none of the above (with HF_HUB_OFFLINE=1: a hub id missing from the local hub
+cache) or a CUDA device on a machine without one is one ConfigError line naming the key, the value and
+the closest known name.
+
 The GGUF is dequantised by transformers at load time (a few seconds); we do it once and cache the
 result as a safetensors dir under `$SEARCHRL_CACHE` (default ~/.cache/searchrl) so every later load
-is a plain `from_pretrained`.
+is a plain `from_pretrained`. Processes that need it at the same time take turns on a file lock: one
+writes it (atomically), the others then load what it wrote.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from searchrl.errors import ModelNotFoundError
+from searchrl.errors import ConfigError, ModelNotFoundError
+from searchrl.io import atomic_path
+
+if TYPE_CHECKING:
+    from searchrl.config import Params
 
 
 @dataclass(frozen=True)
@@ -84,25 +98,40 @@ def resolve(name: str) -> str:
     return name  # hub id
 
 
+def build_once(out: Path, build, done: str = "config.json") -> Path:
+    """Create the directory `out` by `build(tmp_dir)` unless `out/done` already exists. Concurrent
+    callers (threads or processes) serialise on the file lock `.<out>.lock`; the first builds into a
+    temp dir and renames it into place (`searchrl.io.atomic_path`), the others find it done. A
+    builder killed mid-way leaves only its temp dir, which the next build sweeps."""
+    from filelock import FileLock
+
+    if (out / done).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(f".{out.name}.lock")):
+        if (out / done).exists():  # built by whoever held the lock before us
+            return out
+        with atomic_path(out) as tmp:
+            build(tmp)
+    return out
+
+
 def _materialize_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF once into a safetensors dir (cached), return that dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
-    if (out / "config.json").exists():
-        return out
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    # The weights are already dequantised floats; drop the GGUF quantizer marker so they serialise.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
+    def dequantise(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        # The weights are already dequantised floats; drop the GGUF quantizer marker so they serialise.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return build_once(cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}", dequantise)
 
 
 def causal_lm_path(name: str) -> str:
@@ -150,3 +179,121 @@ def load_causal_lm(name: str, dtype: str = "float32", device: str = "auto"):
     model.to(pick_device(device))
     model.eval()
     return model, tok
+
+
+# ----------------------------------------------------------------------------- up-front checks
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set: hub ids load only from the local hub cache."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "modules.json"))
+
+
+def _cached_hub_ids() -> list[str]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "model"]
+    except Exception:  # no cache dir, or an unreadable one: no suggestions from it
+        return []
+
+
+def check_model_name(key: str, name: str, workdir: Path, produced: set[Path] = frozenset()) -> None:
+    """ConfigError naming `key` unless `name` is an installed embedded alias, an existing directory
+    (relative to `workdir`, where the stages run), a directory a pipeline stage writes (`produced`),
+    or a hub id (offline: one in the local hub cache)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if ALIASES.get(name, name) in EMBEDDED:
+        try:
+            embedded_path(name)
+        except ModelNotFoundError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        return
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else workdir / path
+    if path.exists() or Path(os.path.normpath(path)) in produced:
+        return
+    local = looks_like_path(name)
+    if not local:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            local = True
+    if not local and not hub_offline():
+        return  # the real hub code path downloads it at load time
+    if not local and _hub_cached(name):
+        return
+    known = [*EMBEDDED, *ALIASES, *_cached_hub_ids(), *(os.path.relpath(p, workdir) for p in produced)]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (embedded aliases: {', '.join(EMBEDDED)})"
+    if local:
+        raise ConfigError(f"{key}: '{name}': no such model directory ({path}){hint}")
+    raise ConfigError(f"{key}: '{name}' is not an embedded alias, a local directory, or a hub model in the "
+                      f"local hub cache (HF_HUB_OFFLINE is set: nothing can be downloaded){hint}")
+
+
+def model_keys(params: Params, stages: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(key, name) for each model-name key that `stages` load (None: every stage); stage names as in
+    dvc.yaml or run_stage: prepare, index, sample, sft, rl, rl@NAME / rl_ablation@NAME, evaluate."""
+    names = [s.split("@", 1) for s in stages] if stages is not None else None
+
+    def runs(*wanted: str) -> bool:
+        return names is None or any(n[0] in wanted for n in names)
+
+    kw = params.prepare.source == "knowledge_world" and params.prepare.knowledge_world.probe.enabled
+    if runs("sample", "sft", "evaluate") or (kw and runs("prepare")):
+        yield "policy.model", params.policy.model
+    if params.index.kind == "dense" and runs("index", "sample", "rl", "rl_ablation", "evaluate"):
+        yield "index.encoder", params.index.encoder
+    if names is None or any(n == ["rl"] for n in names):
+        yield "rl.init", params.rl_config().init
+    for name in params.rl_ablations:
+        if names is None or any(n[0] in ("rl", "rl_ablation") and n[1:] == [name] for n in names):
+            yield f"rl_ablations.{name}.init", params.rl_config(name).init
+    rl_cfgs = [params.rl_config(), *(params.rl_config(name) for name in params.rl_ablations)]
+    uses_teacher = (runs("sample") and "teacher" in params.sample.sampler) or (
+        runs("rl", "rl_ablation") and any(c.memorization and c.rewriter == "teacher" for c in rl_cfgs))
+    teacher = params.sample.teacher_model
+    if uses_teacher and teacher and not teacher.startswith(("http://", "https://")):
+        yield "sample.teacher_model", teacher.removeprefix("vllm:")
+
+
+def produced_models(params: Params, workdir: Path) -> set[Path]:
+    """The model directories the pipeline's own stages write (sft, rl and each ablation)."""
+    dirs = [params.sft.out_dir, params.rl_config().out_dir,
+            *(params.rl_config(name).out_dir for name in params.rl_ablations)]
+    return {Path(os.path.normpath(Path(d) if Path(d).is_absolute() else workdir / d)) for d in dirs}
+
+
+def check_devices(params: Params) -> None:
+    """ConfigError naming the key when a device key asks for CUDA that this machine does not have."""
+    for key, device in (("policy.device", params.policy.device), ("index.device", params.index.device)):
+        if not device.startswith("cuda"):
+            continue
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(f"{key}: '{device}' but this machine has {have}; use 'auto' (the GPU where "
+                              "there is one, else the CPU) or 'cpu'")
+
+
+def check_models(params: Params, workdir: str | os.PathLike | None = None,
+                 stages: list[str] | None = None) -> None:
+    """Every model-name key that `stages` load (None: all) and every device key of `params`, checked
+    before any stage work (see the module docstring); `workdir` is where the stages run (default: the
+    current directory)."""
+    base = Path(workdir or Path.cwd()).resolve()
+    produced = produced_models(params, base)
+    for key, name in model_keys(params, stages):
+        check_model_name(key, name, base, produced)
+    check_devices(params)

@@ -1,9 +1,11 @@
 """The one wrapper every DVC stage entry point (`python -m tasks.<stage>`) goes through.
 
-It loads and validates params.yaml from the working directory, seeds everything, configures logging,
-opens the stage's MLflow run (lineage tags: git commit, params hash, DVC hashes of the inputs) and
-turns user errors (`SearchRLError`: bad config, bad input file, failed data validation) into one
-readable message and exit code 2 instead of a traceback. Bugs keep their traceback.
+It loads and validates params.yaml from the working directory, checks the model names and devices
+the stage loads (`searchrl.models.check_models`), seeds everything, configures logging, opens the
+stage's MLflow run (lineage tags: git commit, params hash, DVC hashes of the inputs; a health check
+of a tracking server first) and turns user errors (`SearchRLError`: bad config, unknown model, missing
+device, unreachable tracking server, bad input file, failed data validation) into one readable message
+and exit code 2 instead of a traceback. Bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ def run_stage(stage: str, fn: Callable[[Params], None], inputs: list[str] = (),
     setup_logging()
     try:
         params = load_params(params_path)
-        seed_everything(params.seed)
-        from searchrl import tracking
+        from searchrl.models import check_models
 
+        check_models(params, stages=[stage])
+        seed_everything(params.seed)
+        from searchrl import distributed, tracking
+
+        if not distributed.is_main():  # under `accelerate launch` only rank 0 tracks (MLflow, registry)
+            fn(params)
+            return
         with tracking.stage_run(stage, tracked(params) if tracked else params, inputs=list(inputs),
                                 run_name=run_name(params) if run_name else None):
             fn(params)

@@ -19,8 +19,25 @@ Every stage run carries
 another is active (in-process), or with `SEARCHRL_PARENT_RUN_ID` set (the flow's run id, for stages
 DVC runs as subprocesses), is nested under it.
 
-Secrets: values of environment variables whose names look secret (*KEY*, *TOKEN*, *SECRET*,
-*PASSW*, *CREDENTIAL*) are masked as *** wherever they appear in params or tags.
+Secrets: every string this module sends to MLflow (params, tags, run names, metric keys, texts and
+the text files of artifacts) goes through `scrub` first: values of environment variables whose names
+look secret (*KEY*, *TOKEN*, *SECRET*, *PASSW*, *CREDENTIAL*, *AUTH*, plus the variable that
+`sample.teacher_api_key_env` names), credentials inside URLs (`https://user:pass@host`) and
+`?key=`/`token=`/`password=`-style query values become ***. Nothing else in the project calls mlflow
+directly (the SFT trainer logs through `trainer_callback`, not transformers' own MLflow callback).
+
+Server: an http(s) tracking URI is health-checked once per process before the first run
+(`check_server`, a few seconds): a server that is down or refuses this host is one `TrackingError`
+line naming the URI (stages exit 2, so the flow does not retry them), not a 4-minute retry loop.
+
+Killed runs: each run records the pid, its start time and the host of the process that opened it
+(`searchrl.pid`, `searchrl.pid_start`, `searchrl.host`) and a `searchrl.resume_key` (stage, run
+name, every logged param, the DVC hashes of its inputs). At the start of a stage, RUNNING runs of the
+same stage whose process is gone from this host are orphans: the newest one with the same resume key
+is resumed (the rerun of a killed stage continues the killed run: its metric history, now RUNNING
+again, nested under the new parent), the others are marked KILLED. `log_metrics` with a step skips
+(key, step) pairs the run already has, so a trainer that replays its checkpointed log history into a
+resumed run adds only what is missing.
 
 mlflow is imported inside the functions (about 2 s), so importing this module is cheap.
 """
@@ -30,11 +47,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import numbers
 import os
 import posixpath
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,17 +65,31 @@ from typing import Any, NamedTuple
 import yaml
 
 from searchrl.config import Params, project_root
-from searchrl.io import stable_hash
+from searchrl.errors import TrackingError
+from searchrl.io import pid_alive, stable_hash
+
+log = logging.getLogger(__name__)
 
 PARENT_ENV = "SEARCHRL_PARENT_RUN_ID"
 SHARED_SECTIONS = ("seed", "policy", "agent")
+PID_TAG, PID_START_TAG, HOST_TAG = "searchrl.pid", "searchrl.pid_start", "searchrl.host"
+RESUME_TAG = "searchrl.resume_key"
+HEALTH_TIMEOUT_S = 5.0
 _OFFLINE_ENV = {
     "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",  # no `pip install --dry-run` when logging models
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH(?!OR)", re.IGNORECASE)  # not GIT_AUTHOR_*
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s@:]+:[^/\s@]+(?=@)")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|secret|password|passwd|pwd|"
+                           r"auth|sig|signature)=)[^&#\s]+")
+_TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".md", ".txt", ".yaml", ".yml", ".log", ".html", ".py",
+                  ".cfg", ".ini", ".toml", ".jinja"}
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- :]")
+_secret_env_names: set[str] = set()  # extra variables named by params (sample.teacher_api_key_env)
+_checked_servers: set[str] = set()
+_logged_steps: dict[str, set[tuple[str, int]]] = {}  # run id -> (metric key, step) already in the run
 
 
 # ----------------------------------------------------------------------------- setup
@@ -67,14 +104,39 @@ def tracking_uri(params: Params) -> str:
     return uri
 
 
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """For an http(s) tracking URI: GET <uri>/health once (per process and URI); TrackingError naming
+    the URI unless it answers 200 within `timeout` seconds. Other URIs (sqlite, file) pass."""
+    if not uri.startswith(("http://", "https://")) or uri in _checked_servers:
+        return
+    shown = scrub(uri)
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"MLflow tracking server {shown} is not reachable ({reason}); start it (e.g. "
+                            "`docker compose -f docker/compose.yaml up -d mlflow`) or unset MLFLOW_TRACKING_URI "
+                            "to log to the local sqlite store") from None
+    if status != 200:
+        why = " (a 403 means its --allowed-hosts does not list this host name)" if status == 403 else ""
+        raise TrackingError(f"MLflow tracking server {shown} answered HTTP {status} to /health{why}")
+    _checked_servers.add(uri)
+
+
 def configure(params: Params) -> str:
-    """Point mlflow at the store and experiment of `params`; returns the experiment id."""
+    """Point mlflow at the store and experiment of `params` (health-checking a server first); returns
+    the experiment id."""
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    _secret_env_names.add(params.sample.teacher_api_key_env)
+    uri = tracking_uri(params)
+    check_server(uri)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
@@ -135,19 +197,90 @@ def pipeline_run(params: Params, name: str = "pipeline", workspace: str | os.Pat
 def _run(params: Params, run_name: str, tags: Mapping[str, Any], flat_params: Mapping[str, Any]) -> Iterator[Any]:
     import mlflow
 
-    configure(params)
-    nested = mlflow.active_run() is not None
-    parent = None if nested else os.environ.get(PARENT_ENV) or None
-    run = mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent,
-                           tags={k: str(v) for k, v in _scrub(tags).items()})
+    exp_id = configure(params)
+    active = mlflow.active_run()
+    parent = active.info.run_id if active is not None else os.environ.get(PARENT_ENV) or None
+    run_name = scrub(run_name)
+    flat = scrub_mapping(flat_params)
+    tags = {k: str(v) for k, v in scrub_mapping(tags).items()}
+    resume_key = stable_hash([tags.get("stage"), run_name, {k: str(v) for k, v in flat.items()},
+                              sorted((k, v) for k, v in tags.items() if k.startswith("dvc.dep."))])
+    tags.update({PID_TAG: str(os.getpid()), PID_START_TAG: _process_start(os.getpid()), HOST_TAG: _host(),
+                 RESUME_TAG: resume_key})
+    resume_id = settle_orphans(exp_id, tags.get("stage", ""), resume_key)
+    if resume_id is not None:
+        log.info("MLflow: continuing run %s of the killed '%s' process", resume_id, tags.get("stage"))
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(run_id=resume_id, run_name=run_name, nested=active is not None, tags=tags)
+        _logged_steps[resume_id] = _steps_in(resume_id)
+    else:
+        run = mlflow.start_run(run_name=run_name, nested=active is not None,
+                               parent_run_id=None if active is not None else parent, tags=tags)
+        _logged_steps[run.info.run_id] = set()
     try:
-        mlflow.log_params(_scrub(flat_params))
+        log_params(flat)
         yield run
     except BaseException as err:
-        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        # an error fails the run; Ctrl-C, SIGTERM (Prefect's TerminationSignal) or an exit kill it
+        mlflow.end_run(status="FAILED" if isinstance(err, Exception) else "KILLED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
+    finally:
+        _logged_steps.pop(run.info.run_id, None)
+
+
+def settle_orphans(experiment_id: str, stage: str, resume_key: str | None = None) -> str | None:
+    """Close the orphaned runs of `stage`: RUNNING runs whose recording process (pid + start time, on
+    this host) is gone. The newest orphan with `resume_key` is left RUNNING and its id returned (the
+    caller resumes it); every other orphan is marked KILLED. Runs of live processes, of other hosts,
+    or without the pid tags are left alone."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    quoted = stage.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], f"tags.stage = '{quoted}' and attributes.status = 'RUNNING'",
+                              max_results=500, order_by=["attributes.start_time DESC"])
+    resume = None
+    for r in runs:
+        t = r.data.tags
+        if t.get(HOST_TAG) != _host() or not t.get(PID_TAG, "").isdigit():
+            continue
+        pid, started = int(t[PID_TAG]), t.get(PID_START_TAG, "")
+        if pid_alive(pid) and (not started or _process_start(pid) in ("", started)):
+            continue  # its process still runs (a recycled pid has another start time)
+        if resume is None and resume_key is not None and t.get(RESUME_TAG) == resume_key:
+            resume = r.info.run_id
+            continue
+        client.set_terminated(r.info.run_id, status="KILLED")
+        client.set_tag(r.info.run_id, "searchrl.orphaned", f"process {pid} on {_host()} ended without closing it")
+        log.warning("MLflow: run %s (%s) was left RUNNING by process %d, which no longer runs: marked KILLED",
+                    r.info.run_id, stage, pid)
+    return resume
+
+
+def _steps_in(run_id: str) -> set[tuple[str, int]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    return {(key, m.step) for key in client.get_run(run_id).data.metrics
+            for m in client.get_metric_history(run_id, key)}
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time (seconds since the epoch, 2 decimals), which tells a recycled pid
+    from the process that recorded it; "" where it cannot be read."""
+    try:
+        import psutil
+
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except Exception:  # no such process, or no psutil: the pid alone decides
+        return ""
 
 
 def _dump(params: Params, section: str) -> Any:
@@ -157,34 +290,74 @@ def _dump(params: Params, section: str) -> Any:
 
 # ----------------------------------------------------------------------------- logging helpers
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log the numeric entries (nested dicts flattened, bools as 0/1); others are skipped.
-    Does nothing outside a run."""
+    """Log the numeric entries (nested dicts flattened, bools as 0/1); others are skipped. With a
+    `step`, keys the run already has at that step are skipped (a replayed history adds only what is
+    missing). Does nothing outside a run."""
     import mlflow
 
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         return
-    numeric = {_key(k): float(v) for k, v in flatten(metrics).items() if isinstance(v, numbers.Number)}
+    numeric = {_key(scrub(k)): float(v) for k, v in flatten(metrics).items() if isinstance(v, numbers.Number)}
+    if step is not None:
+        seen = _logged_steps.setdefault(run.info.run_id, set())
+        numeric = {k: v for k, v in numeric.items() if (k, step) not in seen}
+        seen.update((k, step) for k in numeric)
     if numeric:
         mlflow.log_metrics(numeric, step=step)
 
 
+def log_params(values: Mapping[str, Any]) -> None:
+    """Log params (scrubbed, values cut to MLflow's 6000 characters); keys the run already has are
+    skipped, so a resumed run keeps its values. Does nothing outside a run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    have = MlflowClient().get_run(run.info.run_id).data.params
+    new = {_key(k): str(v)[:6000] for k, v in scrub_mapping(values).items() if _key(k) not in have}
+    if new:
+        mlflow.log_params(new)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set tags on the active run (scrubbed). Does nothing outside a run."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: str(v) for k, v in scrub_mapping(tags).items()})
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """Write `text` (scrubbed) as an artifact file of the active run. Does nothing outside a run."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_text(scrub(text), artifact_file)
+
+
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    """Log a file, or a directory under its own name. Does nothing outside a run."""
+    """Log a file, or a directory under its own name; text files are scrubbed on the way (the local
+    files are untouched). Does nothing outside a run."""
     import mlflow
 
     if mlflow.active_run() is None:
         return
     p = Path(path)
-    if p.is_dir():
-        mlflow.log_artifacts(str(p), artifact_path=artifact_path or p.name)
-    else:
-        mlflow.log_artifact(str(p), artifact_path=artifact_path)
+    with _scrubbed(p) as upload:
+        if p.is_dir():
+            mlflow.log_artifacts(str(upload), artifact_path=artifact_path or p.name)
+        else:
+            mlflow.log_artifact(str(upload), artifact_path=artifact_path)
 
 
 def log_model_dir(path: str | os.PathLike, registered_name: str, alias: str | None = None,
                   artifact_path: str = "model") -> Any:
-    """Upload a saved Hugging Face model directory as artifacts of the active run, register it as a
-    new version of `registered_name` and point `alias` at it. Returns the ModelVersion.
+    """Upload a saved Hugging Face model directory as artifacts of the active run (text files
+    scrubbed), register it as a new version of `registered_name` and point `alias` at it. Returns the
+    ModelVersion.
 
     No MLflow model flavor is written: consumers load `models:/<name>@<alias>` by downloading the
     directory (`mlflow.artifacts.download_artifacts`) and calling `from_pretrained` on it."""
@@ -194,12 +367,36 @@ def log_model_dir(path: str | os.PathLike, registered_name: str, alias: str | No
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_model_dir() needs an active run (use it inside stage_run)")
-    mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    with _scrubbed(Path(path)) as upload:
+        mlflow.log_artifacts(str(upload), artifact_path=artifact_path)
     version = mlflow.register_model(mlflow.get_artifact_uri(artifact_path), registered_name,
                                     tags={"run_id": run.info.run_id})
     if alias:
         MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
     return version
+
+
+def trainer_callback():
+    """A transformers TrainerCallback that logs the trainer's arguments as params and every logged
+    step as metrics through this module (scrubbed), in place of transformers' own MLflow callback.
+    At the start of a resumed training it replays the checkpoint's log history (steps the run already
+    has are skipped)."""
+    from transformers import TrainerCallback
+
+    class MlflowLogger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            log_params(args.to_sanitized_dict())
+            for entry in state.log_history:
+                if "step" in entry:
+                    log_metrics({k: v for k, v in entry.items() if k != "step"}, step=int(entry["step"]))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                log_metrics(logs, step=state.global_step)
+
+    return MlflowLogger()
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -299,13 +496,57 @@ def _dep_key(path: str | os.PathLike) -> str:
     return key
 
 
-def _scrub(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Mask any value that contains the value of a secret-looking environment variable."""
-    secrets = [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6]
-    out = {}
-    for key, value in values.items():
-        text = str(value)
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        out[key] = value if text == str(value) else text
-    return out
+def secret_values() -> list[str]:
+    """Values (6+ characters) of the environment variables that hold secrets, longest first."""
+    values = {v for k, v in os.environ.items()
+              if (_SECRET_NAME.search(k) or k in _secret_env_names) and len(v) >= 6}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(value: Any) -> Any:
+    """`value` with every secret masked as *** (see the module docstring); a non-string comes back
+    unchanged unless its text holds a secret, then as the masked text. The one function every string
+    passes on its way to MLflow."""
+    text = value if isinstance(value, str) else str(value)
+    masked = text
+    for secret in secret_values():
+        masked = masked.replace(secret, "***")
+    masked = _SECRET_QUERY.sub(r"\1***", _URL_USERINFO.sub("***", masked))
+    return value if masked == text else masked
+
+
+def scrub_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`scrub` on every key and value (a key that held a secret is then made a valid MLflow key)."""
+    return {(k if scrub(k) == k else _key(scrub(k))): scrub(v) for k, v in values.items()}
+
+
+@contextlib.contextmanager
+def _scrubbed(path: Path) -> Iterator[Path]:
+    """`path` itself when none of its text files holds a secret, else a scrubbed copy in a temp dir
+    (same names; binary files copied as they are)."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+    else:
+        files = [path] if path.is_file() else []
+
+    def dirty(f: Path) -> bool:
+        if f.suffix.lower() not in _TEXT_SUFFIXES:
+            return False
+        text = f.read_text(encoding="utf-8", errors="replace")
+        return scrub(text) != text
+
+    if not any(dirty(f) for f in files):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="searchrl-scrub-") as tmp:
+        out = Path(tmp) / path.name
+        if path.is_dir():
+            shutil.copytree(path, out)
+            targets = [out / f.relative_to(path) for f in files]
+        else:
+            shutil.copy2(path, out)
+            targets = [out]
+        for f in targets:
+            if dirty(f):
+                f.write_text(scrub(f.read_text(encoding="utf-8", errors="replace")), encoding="utf-8")
+        yield out

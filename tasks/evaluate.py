@@ -15,6 +15,7 @@ import pandas as pd
 from searchrl import evaluation, tracking
 from searchrl.config import Params
 from searchrl.data.schema import read_qa
+from searchrl.evaluation import is_trained
 from searchrl.io import atomic_path, write_json
 from searchrl.stage import run_stage
 from searchrl.validation import validate_frame
@@ -22,10 +23,6 @@ from searchrl.validation import validate_frame
 log = logging.getLogger("searchrl.evaluate")
 
 AGENT_METHODS = {"agent_r1searcher_pp": "r1searcher_pp", "agent_r1searcher": "r1searcher"}
-
-
-def is_trained(method: str) -> bool:
-    return method == "sft" or method == "rl" or method.startswith("rl_")
 
 
 def trained_model(params: Params, method: str) -> tuple[str, str]:
@@ -38,8 +35,7 @@ def trained_model(params: Params, method: str) -> tuple[str, str]:
 
 def evaluate(params: Params) -> None:
     from searchrl.agent.backends import make_backend
-    from searchrl.retrieval.cache import CachedRetriever
-    from searchrl.retrieval.index import load_index
+    from searchrl.retrieval.factory import open_retriever
 
     cfg = params.evaluate
     prepared = Path(params.prepare.out_dir)
@@ -47,7 +43,7 @@ def evaluate(params: Params) -> None:
     if cfg.max_questions:
         records = records[: cfg.max_questions]
     seen = read_qa(prepared / "seen.parquet") if (prepared / "seen.parquet").exists() else []
-    retriever = CachedRetriever(load_index(params.index.out_dir), params.agent.cache_path)
+    retriever = open_retriever(params)
 
     base = make_backend(params.policy, params.agent)
     preds: list[evaluation.Prediction] = []
@@ -63,7 +59,7 @@ def evaluate(params: Params) -> None:
                                          cfg.batch_size)
         elif method == "rag":
             out, secs = evaluation.timed(evaluation.predict_rag, backend, retriever, records, cfg.top_k,
-                                         cfg.max_new_tokens)
+                                         cfg.max_new_tokens, params.agent.max_passage_words)
         else:
             agent_cfg = params.agent.model_copy(update={"top_k": cfg.top_k})
             out, secs = evaluation.timed(evaluation.predict_agent, backend, retriever, records, protocol,

@@ -31,11 +31,14 @@ def effective(params: Params, ablation: str | None) -> Params:
 
 
 def rl(params: Params, ablation: str | None) -> None:
+    from searchrl import distributed
     from searchrl.training.rl import run_key, train_rl
 
     cfg = effective(params, ablation).rl
     key = run_key(ablation)
     metrics = train_rl(params, ablation, mlflow_log=tracking.log_metrics)
+    if not distributed.is_main():  # rank 0 logs and registers
+        return
     tracking.log_metrics({f"final.{k}": v for k, v in metrics["last5"].items() if v is not None})
     tracking.log_metrics({"final.steps": metrics["steps"],
                           "final.steps_per_hour": metrics["steps_per_hour"] or 0})

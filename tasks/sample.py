@@ -19,7 +19,7 @@ import pandas as pd
 from searchrl import tracking
 from searchrl.config import Params
 from searchrl.data.schema import read_qa
-from searchrl.errors import SearchRLError
+from searchrl.errors import InputError, SearchRLError
 from searchrl.io import atomic_path, write_json
 from searchrl.stage import run_stage
 from searchrl.training import sampling
@@ -53,14 +53,18 @@ def sample(params: Params) -> dict:
     from searchrl.agent.backends import make_backend
     from searchrl.agent.protocols import get_protocol
     from searchrl.models import load_tokenizer
-    from searchrl.retrieval.cache import CachedRetriever
+    from searchrl.retrieval.factory import open_retriever
     from searchrl.training.teacher import make_teacher_backend
 
     cfg = params.sample
-    train = read_qa(Path(params.prepare.out_dir) / "train.parquet")
+    train_path = Path(params.prepare.out_dir) / "train.parquet"
+    train = read_qa(train_path)
+    if not train:
+        raise InputError(train_path, "train split is empty: nothing to sample trajectories for",
+                         fix="give prepare training data (prepare.jsonl.train / hf datasets with role: train)")
     records = sampling.random_subset(train, cfg.max_questions, params.seed)
     protocol = get_protocol(params.agent.protocol, params.agent, max_answer_words=cfg.max_answer_words)
-    retriever = CachedRetriever.for_index(params.index.out_dir, params.agent.cache_path)
+    retriever = open_retriever(params)
     student_tok = load_tokenizer(params.policy.model)
 
     def backend_for(name: str):
@@ -83,8 +87,8 @@ def sample(params: Params) -> dict:
     if not result.kept:
         rates = {n: f"{100 * st.get('acceptance', 0.0):.1f}%" for n, st in result.stats["samplers"].items()}
         raise SearchRLError(f"sample: no trajectory passed the filters (acceptance {rates}); add the oracle "
-                            "sampler (Knowledge World) or a teacher to sample.sampler, or set rl.init: policy "
-                            "to start RL without the SFT cold start")
+                            "sampler (training data with gold evidence) or a teacher to sample.sampler, or set "
+                            "rl.init: policy to start RL without the SFT cold start")
     frame = trajectory_frame(result.kept)
     n_tokens = dict(zip(frame["text"], frame["n_tokens"], strict=True))
     validate_frame(frame, "sft", "sft_trajectories", min_tokens=1, max_tokens=params.agent.max_total_tokens,

@@ -3,7 +3,8 @@
 Reads <sample.out_dir>/trajectories.jsonl; writes <sft.out_dir>/ (Hugging Face dir: safetensors +
 tokenizer, published atomically), reports/sft/metrics.json (DVC metrics), reports/sft/loss.csv and
 reports/sft/loss.png (DVC plots). MLflow: the trainer's params and loss curve go to the stage run
-(report_to mlflow), and the model is registered as `tracking.registered_model` with alias `sft`.
+(through `searchrl.tracking.trainer_callback`, which scrubs secrets like every other MLflow call), and
+the model is registered as `tracking.registered_model` with alias `sft`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from searchrl import tracking
+from searchrl import distributed, tracking
 from searchrl.config import Params
 from searchrl.io import atomic_path, write_json
 from searchrl.stage import run_stage
@@ -42,8 +43,10 @@ def sft(params: Params) -> dict:
              "%d tokens, %d in the loss", counts["examples"], counts["exact_ids"], counts["retokenised"],
              counts["too_long"], cfg.max_length, counts["tokens"], counts["loss_tokens"])
     summary = sftlib.train_sft(cfg, examples, model, tok, cfg.out_dir, seed=params.seed, device=params.policy.device,
-                               dtype=params.policy.dtype, model_name=params.policy.model,
-                               report_to="mlflow" if mlflow.active_run() else "none")
+                               dtype=params.policy.dtype, model_name=params.policy.model, report_to="none",
+                               callbacks=[tracking.trainer_callback()] if mlflow.active_run() else [])
+    if not distributed.is_main():  # under `accelerate launch`, rank 0 writes reports and registers
+        return {}
     curve = sftlib.loss_curve(summary.pop("log_history"))
     with atomic_path(REPORTS / "loss.csv") as tmp:
         pd.DataFrame(curve, columns=["step", "epoch", "loss", "learning_rate"]).to_csv(tmp, index=False)
@@ -52,7 +55,6 @@ def sft(params: Params) -> dict:
                "wall_seconds": round(time.perf_counter() - t0, 2)}
     write_json(REPORTS / "metrics.json", metrics)
     if mlflow.active_run():
-        mlflow.flush_async_logging()  # the trainer's callback logs asynchronously
         tracking.log_metrics(tracking.flatten({"sft": metrics}))
         tracking.log_artifact(REPORTS / "loss.png")
         version = tracking.log_model_dir(cfg.out_dir, params.tracking.registered_model, alias="sft")

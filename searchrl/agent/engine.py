@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from searchrl.agent.backends import encode
+from searchrl.agent.backends import added_tokens, encode_untrusted
 from searchrl.agent.protocols import Protocol, get_protocol
 from searchrl.agent.trajectory import Segment, Trajectory
 
@@ -100,10 +100,6 @@ def _as_question(q: Any, i: int) -> tuple[str, str]:
     raise TypeError(f"question {i}: expected a QARecord, (id, question) or str, got {type(q).__name__}")
 
 
-def _special_tokens(tokenizer) -> tuple[str, ...]:
-    return tuple(t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t)
-
-
 def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, n: int = 1,
                  temperature: float = 0.0, agent_cfg=None, seed: int = 0, top_p: float = 1.0,
                  stats: RolloutStats | None = None, source: str = "policy") -> list[Trajectory]:
@@ -119,7 +115,7 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
     proto = get_protocol(protocol, cfg) if isinstance(protocol, str) else protocol
     st = stats if stats is not None else RolloutStats()
     tok = backend.tokenizer
-    specials = _special_tokens(tok)
+    specials = added_tokens(tok)  # stripped from passages: every added token, not just the named ones
     t_start = time.perf_counter()
     tokens_before, retrieval_before = st.generated_tokens, st.retrieval_seconds
 
@@ -233,7 +229,7 @@ def run_rollouts(backend, retriever, protocol: Protocol | str, questions: list, 
 
 
 def _insert(r: _Rollout, text: str, query: str, ids: list[str], tok, cfg, proto: Protocol, st: RolloutStats):
-    env_ids = encode(tok, text)
+    env_ids = encode_untrusted(tok, text, allow=proto.tags)  # passages are sanitised already; belt and braces
     r.traj.retrievals += 1
     r.traj.queries.append(query)
     r.traj.retrieved_ids.append(ids)

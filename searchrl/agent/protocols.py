@@ -23,9 +23,15 @@ is written after A.13):
 
 Env text is always built from a fixed frame plus sanitised passages (`sanitize_passage`): every tag
 of BOTH protocols (and near-variants: case, inner spaces, `< /document >`, `<|end_of_documents|>`
-without bars), chat special tokens (`<|im_end|>`, ...) and the tokenizer's own special tokens are
-removed from passage text, so retrieved text can never close the block, forge a query or an answer,
-or inject a special token id.
+without bars), chat special tokens (`<|im_end|>`, ...) and every added token of the tokenizer
+(`backends.added_tokens`: SmolLM2's `<file_sep>`, `<filename>`, ... as well) are removed from passage
+text, so retrieved text can never close the block, forge a query or an answer, or inject a special
+token id; the engine also encodes the block with `backends.encode_untrusted(allow=protocol.tags)`.
+Each passage shows at most `max_passage_words` words, title included.
+
+Queries are cleaned per protocol (`clean_query`): R1-Searcher as its evaluation code does (B.8:
+quotes deleted, tabs to spaces, "..." deleted), R1-Searcher++ with our own whitespace-collapsing
+cleaning. Answers are extracted raw (surrounding spaces kept), as R1-Searcher scores them.
 
 `validate(traj_or_text)` returns a list of format violations ("code: detail"), empty when the format
 is correct. Given a Trajectory it knows exactly which segments the environment inserted; given only
@@ -53,14 +59,16 @@ CJK_RE = re.compile(r"[\u4e00-\u9fff]")
 
 
 def sanitize_passage(text: str, extra_tokens: tuple[str, ...] | list[str] = ()) -> str:
-    """Remove every protocol tag of both protocols (and near-variants) and special tokens from
-    retrieved text; whitespace is normalised to single spaces (a passage is one line)."""
-    for tok in extra_tokens:
-        if tok and len(tok) > 1:
-            text = text.replace(tok, " ")
+    """Remove every protocol tag of both protocols (and near-variants) and every string of
+    `extra_tokens` (pass `backends.added_tokens(tokenizer)`: all of the tokenizer's added tokens, not
+    only `all_special_tokens`) from retrieved text; whitespace is normalised to single spaces (a
+    passage is one line)."""
+    extra = [t for t in extra_tokens if t and len(t) > 1]
     prev = None
     while prev != text:  # removing one tag may join the halves of another ("<ans<answer>wer>")
         prev = text
+        for tok in extra:
+            text = text.replace(tok, " ")
         text = _BAR_TAG_RE.sub(" ", text)
         text = _QDOC_RE.sub(" ", text)
         text = _HTML_TAG_RE.sub(" ", text)
@@ -73,11 +81,41 @@ def truncate_words(text: str, max_words: int) -> str:
     return text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
 
 
-def clean_query(q: str, max_chars: int = 300) -> str:
-    """B.8 cleaning: drop quotes, tabs become spaces, remove '...', collapse whitespace; then cap the
-    length at max_chars (cut at a word boundary)."""
-    q = q.replace('"', " ").replace("'", " ").replace("\t", " ").replace("...", " ")
-    q = " ".join(q.split())
+def passage_view(title: str, text: str, max_words: int, extra_tokens=()) -> tuple[str, str]:
+    """(title, text) of one retrieved passage as a model sees it: sanitised, and at most `max_words`
+    words of title and text together (a longer text ends with " ..."). A title that would fill the
+    whole cap (a corpus row whose title is its text) is dropped, and so is a title equal to the text:
+    the model sees each word once."""
+    shown_title = sanitize_passage(title, extra_tokens)
+    body = sanitize_passage(passage_body(title, text), extra_tokens)
+    n_title = len(shown_title.split())
+    if n_title >= max_words or shown_title == body:
+        shown_title, n_title = "", 0
+    return shown_title, truncate_words(body, max_words - n_title)
+
+
+QUERY_CLEANING = ("collapse", "r1searcher_eval", "r1searcher_train")
+
+
+def clean_query(q: str, max_chars: int = 300, style: str = "collapse") -> str:
+    """The query text sent to the retriever, then capped at max_chars (cut at a word boundary).
+
+    collapse          (ours, R1-Searcher++: its code is not public) quotes and tabs become spaces,
+                      "..." is removed, whitespace collapsed: "Shah's" -> "Shah s".
+    r1searcher_eval   R1-Searcher's evaluation (METHOD.md B.8, `eval_search_loacl.py`):
+                      `q.replace('"', "").replace("'", "").replace("\\t", " ").replace("...", "").strip()`;
+                      quotes are deleted ("Shah's" -> "Shahs"), inner whitespace is kept.
+    r1searcher_train  R1-Searcher's training rollouts (METHOD.md B.6, `experience_maker.py`):
+                      `" ".join(q.replace('"', "").strip().split())`; apostrophes and "..." are kept.
+    """
+    if style == "r1searcher_eval":
+        q = q.replace('"', "").replace("'", "").replace("\t", " ").replace("...", "").strip()
+    elif style == "r1searcher_train":
+        q = " ".join(q.replace('"', "").split())
+    elif style == "collapse":
+        q = " ".join(q.replace('"', " ").replace("'", " ").replace("\t", " ").replace("...", " ").split())
+    else:
+        raise ValueError(f"query cleaning '{style}': expected one of {', '.join(QUERY_CLEANING)}")
     if len(q) > max_chars:
         cut = q[:max_chars]
         q = cut.rsplit(" ", 1)[0] if " " in cut else cut
@@ -106,11 +144,28 @@ class Protocol(abc.ABC):
     answer_close = "</answer>"
     assistant_prefix: str = ""
     empty_query_fatal: bool = False
+    query_cleaning: str = "collapse"  # clean_query style
+    extra_tags: tuple[str, ...] = ()  # the protocol's other tags (think / internal)
 
-    def __init__(self, max_query_chars: int = 300, max_passage_words: int = 120, max_answer_words: int = 10):
+    def __init__(self, max_query_chars: int = 300, max_passage_words: int = 120, max_answer_words: int = 10,
+                 query_cleaning: str | None = None):
         self.max_query_chars = max_query_chars
         self.max_passage_words = max_passage_words
         self.max_answer_words = max_answer_words
+        if query_cleaning is not None:
+            if query_cleaning not in QUERY_CLEANING:
+                raise ValueError(f"query cleaning '{query_cleaning}': expected one of {', '.join(QUERY_CLEANING)}")
+            self.query_cleaning = query_cleaning
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """Every tag string of the protocol: the trusted frame a tokenizer may parse as added tokens
+        (`backends.encode_untrusted(..., allow=protocol.tags)`)."""
+        return (self.query_open, self.query_close, self.answer_open, self.answer_close,
+                getattr(self, "doc_open", ""), getattr(self, "doc_close", ""), *self.extra_tags)
+
+    def clean_query(self, raw: str) -> str:
+        return clean_query(raw, self.max_query_chars, self.query_cleaning)
 
     # -- prompting
     @property
@@ -145,18 +200,21 @@ class Protocol(abc.ABC):
             if op < 0:
                 return Action("bad_query", None, f"{self.query_close} without {self.query_open}")
             raw = head[op + len(self.query_open):]
-            return Action("search", clean_query(raw, self.max_query_chars))
+            return Action("search", self.clean_query(raw))
         return Action("end")
 
     def extract_answer(self, model_text: str) -> str | None:
-        """Text of the last complete <answer>...</answer> (stripped), or None."""
+        """Raw text of the last complete <answer>...</answer>, surrounding spaces kept, or None.
+
+        Not stripped: R1-Searcher's `pred_ans` keeps them and the metrics map only the exact strings
+        "True" / "False" to yes / no (METHOD.md B.8, C), so " False " is scored as the word "false"."""
         end = model_text.rfind(self.answer_close)
         if end < 0:
             return None
         start = model_text.rfind(self.answer_open, 0, end)
         if start < 0:
             return None
-        return model_text[start + len(self.answer_open): end].strip()
+        return model_text[start + len(self.answer_open): end]
 
     # -- what the environment inserts
     @abc.abstractmethod
@@ -172,10 +230,7 @@ class Protocol(abc.ABC):
         ...
 
     def _passage_line(self, i: int, hit, extra_tokens) -> str:
-        raw_title = getattr(hit, "title", "") or ""
-        title = sanitize_passage(raw_title, extra_tokens)
-        body = truncate_words(sanitize_passage(passage_body(raw_title, hit.text), extra_tokens),
-                              self.max_passage_words)
+        title, body = passage_view(getattr(hit, "title", "") or "", hit.text, self.max_passage_words, extra_tokens)
         return self.format_passage(i, title, body)
 
     # -- format checks
@@ -252,6 +307,7 @@ class R1SearcherPP(Protocol):
     internal_open, internal_close = "<internal>", "</internal>"
     doc_open, doc_close = "<document>", "</document>"
     empty_query_fatal = False
+    extra_tags = ("<internal>", "</internal>")
 
     def system_prompt(self) -> str:
         return PP_SYSTEM
@@ -289,7 +345,7 @@ class R1SearcherPP(Protocol):
                             flags=re.DOTALL):
             if self.query_open in q:
                 errs.append("query tags nested")
-            elif not clean_query(q):
+            elif not self.clean_query(q):
                 errs.append("empty query")
         env_after_query = sum(1 for r, _ in parts if r == "env")
         if env_after_query > n_close:
@@ -338,6 +394,9 @@ class R1Searcher(Protocol):
     doc_open, doc_close = "<|begin_of_documents|>", "<|end_of_documents|>"
     assistant_prefix = "<think>"
     empty_query_fatal = True
+    # R1-Searcher's evaluation cleaning (B.8); its training rollouts used B.6's ("r1searcher_train")
+    query_cleaning = "r1searcher_eval"
+    extra_tags = ("<think>", "</think>")
 
     def system_prompt(self) -> str:
         return R1_SYSTEM

@@ -34,12 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from searchrl.data.chunking import clean_kilt
-from searchrl.data.schema import Passage, QARecord
+from searchrl.data.schema import Passage, QARecord, answer_text, is_blank, strip_text
 from searchrl.errors import InputError
 from searchrl.io import read_text_strict
 
 QA_FORMATS = ("r1searcher", "flashrag", "hotpotqa", "ircot", "musique")
 ALL_FORMATS = (*QA_FORMATS, "passages")
+# The one table of which QA formats carry gold evidence (the field it comes from), i.e. which sources the
+# evidence oracle sampler and rewriter can work on (searchrl/training/evidence.py; checked at start-up by
+# searchrl/config.py). The metadata kept: gold_titles, and gold_facts [title, sentence] (hotpotqa),
+# evidences [s, r, o] (2Wiki), decomposition [{question, answer, title}] (musique).
+EVIDENCE_FORMATS = {
+    "hotpotqa": "supporting_facts",  # HotpotQA and 2WikiMultiHopQA
+    "ircot": "contexts[].is_supporting",
+    "musique": "question_decomposition",
+}  # r1searcher, flashrag: answers only
 
 
 class FieldError(ValueError):
@@ -83,29 +92,23 @@ def _question(obj: dict, *keys: str) -> str:
     key, value = _require(obj, *keys)
     if not isinstance(value, str):
         raise FieldError(key, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise FieldError(key, "empty question")
-    return value.strip()
-
-
-def _one_answer(value: Any, key: str) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return value.strip()
-    raise FieldError(key, f"expected a string answer, got {type(value).__name__}")
+    if is_blank(value):
+        raise FieldError(key, "empty question (nothing but whitespace or invisible characters)")
+    return strip_text(value)
 
 
 def _answers(value: Any, key: str) -> list[str]:
-    """A string, number or list of them -> non-empty list of distinct non-empty strings."""
+    """A string, finite number or list of them -> non-empty list of distinct non-blank strings
+    (`schema.answer_text`: NaN, infinity and null are errors; blank strings are dropped)."""
     if value is None:
         raise FieldError(key, "answer is null")
     items = value if isinstance(value, (list, tuple)) else [value]
     out: list[str] = []
     for v in items:
-        a = _one_answer(v, key)
+        try:
+            a = answer_text(v)
+        except ValueError as err:
+            raise FieldError(key, str(err)) from None
         if a and a not in out:
             out.append(a)
     if not out:
@@ -174,15 +177,33 @@ def map_hotpotqa(obj: dict) -> Mapped:
     key, value = _require(obj, "answer", "answers")
     answers = _answers(value, key)
     meta: dict = {k: obj[k] for k in ("type", "level") if isinstance(obj.get(k), str)}
+    pairs = _paragraph_pairs(obj["context"]) if "context" in obj else []
     if "supporting_facts" in obj:
         meta["gold_titles"] = _supporting_titles(obj["supporting_facts"])
+        meta["gold_facts"] = _supporting_sentences(obj["supporting_facts"], pairs)
+    if isinstance(obj.get("evidences"), list):  # 2WikiMultiHopQA's [subject, relation, object] triples
+        meta["evidences"] = [[str(x) for x in e] for e in obj["evidences"] if isinstance(e, (list, tuple)) and len(e) == 3]
     contexts = []
-    if "context" in obj:
-        for title, sents in _paragraph_pairs(obj["context"]):
-            text = " ".join(s.strip() for s in sents if s.strip())
-            if text:
-                contexts.append((title, text))
+    for title, sents in pairs:
+        text = " ".join(strip_text(s) for s in sents if not is_blank(s))
+        if text:
+            contexts.append((strip_text(title), text))
     return Mapped(_raw_id(obj, "_id", "id"), question, answers, meta, contexts)
+
+
+def _supporting_sentences(facts: Any, pairs: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """[title, sentence] for each supporting fact [title, sentence index] found in the context."""
+    if isinstance(facts, dict):
+        items = list(zip(facts.get("title") or [], facts.get("sent_id") or [], strict=False))
+    else:
+        items = [f for f in facts if isinstance(f, (list, tuple)) and len(f) == 2]
+    sentences = {str(t): s for t, s in pairs}
+    out = []
+    for title, idx in items:
+        sents = sentences.get(str(title), [])
+        if isinstance(idx, int) and 0 <= idx < len(sents) and not is_blank(sents[idx]):
+            out.append([str(title), strip_text(sents[idx])])
+    return out
 
 
 def map_ircot(obj: dict) -> Mapped:
@@ -200,9 +221,9 @@ def map_ircot(obj: dict) -> Mapped:
     for i, c in enumerate(obj.get("contexts") or []):
         if not isinstance(c, dict) or not isinstance(c.get("paragraph_text"), str):
             raise FieldError("contexts", f"item {i}: expected an object with 'title' and 'paragraph_text'")
-        title, text = str(c.get("title") or ""), c["paragraph_text"].strip()
+        title, text = str(c.get("title") or ""), strip_text(c["paragraph_text"])
         if text:
-            contexts.append((title, text))
+            contexts.append((strip_text(title), text))
         if c.get("is_supporting") and title not in gold:
             gold.append(title)
     return Mapped(_raw_id(obj, "question_id", "id"), question, answers, {"gold_titles": gold}, contexts)
@@ -223,8 +244,8 @@ def map_musique(obj: dict) -> Mapped | None:
         if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str):
             raise FieldError("paragraphs", f"item {i}: expected an object with 'title' and 'paragraph_text'")
         title = str(p.get("title") or "")
-        if p["paragraph_text"].strip():
-            contexts.append((title, p["paragraph_text"].strip()))
+        if not is_blank(p["paragraph_text"]):
+            contexts.append((strip_text(title), strip_text(p["paragraph_text"])))
         if p.get("is_supporting") and title not in gold:
             gold.append(title)
     decomposition = []
@@ -432,9 +453,16 @@ def _passage_from_object(obj: dict) -> tuple[str | None, str, str]:
         contents = obj["contents"]
         if not isinstance(contents, str):
             raise FieldError("contents", f"expected a string, got {type(contents).__name__}")
-        head, _, body = contents.partition("\n")
-        title = str(obj.get("title") or head.strip().strip('"'))
-        return raw, title, (body if body else contents).strip()
+        # as FlashRAG reads it (title = contents.split("\n")[0], text = the rest), but a row without a
+        # newline is all text and has no title (FlashRAG would make the whole row its title)
+        head, newline, body = contents.partition("\n")
+        title = obj.get("title") if isinstance(obj.get("title"), str) else ""
+        if newline:
+            title = title or strip_text(head).strip('"')
+            text = body
+        else:
+            text = contents
+        return raw, strip_text(title), strip_text(text)
     title_key, title = _get(obj, "title", "wikipedia_title")
     title = "" if title is _MISSING or title is None else title
     if not isinstance(title, str):
@@ -447,7 +475,7 @@ def _passage_from_object(obj: dict) -> tuple[str | None, str, str]:
         text = clean_kilt(" ".join(p for p in paragraphs if p))
     if not isinstance(text, str):
         raise FieldError(key, f"expected a string, got {type(text).__name__}")
-    return raw, title.strip(), text.strip()
+    return raw, strip_text(title), strip_text(text)
 
 
 _TITLE_TEXT = re.compile(r'^"?Title:\s*(.*?)\s+Text:\s*(.*?)"?$', re.S)
@@ -521,9 +549,10 @@ def read_passage_file(path: str | Path, dataset: str | None = None, limit: int =
     for lineno, (raw, title, text) in rows:
         if limit and len(out.passages) >= limit:
             break
-        if not text:
+        if is_blank(text):
             raise InputError(path, "empty passage text", row=lineno, field="text",
                              fix="remove the row or give it text")
+        text, title = strip_text(text), strip_text(title)
         if raw is not None:
             if raw in first_line:
                 raise InputError(path, f"duplicate passage id {raw!r} (also on line {first_line[raw]})", row=lineno,

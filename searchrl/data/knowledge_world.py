@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from searchrl.data.schema import Passage, QARecord
-from searchrl.errors import ConfigError
+from searchrl.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -647,7 +647,7 @@ def probe(items: Sequence[ProbeItem], answer_fn: AnswerFn, cache_path: str | Pat
     the same policy, facts and prompt does not call `answer_fn` at all. `known` is recomputed from the
     cached answers, so a change of metric never leaves stale flags.
     """
-    from searchrl.io import read_json, stable_hash, write_json
+    from searchrl.io import quarantine, read_json, stable_hash, write_json
     from searchrl.metrics import score
 
     items = list(items)
@@ -661,8 +661,8 @@ def probe(items: Sequence[ProbeItem], answer_fn: AnswerFn, cache_path: str | Pat
             cache = read_json(path)
             if not isinstance(cache, dict):
                 raise ValueError("not a JSON object")
-        except Exception as err:  # a cache is disposable: recompute rather than fail the stage
-            log.warning("probe cache %s unreadable (%s); recomputing", path, err)
+        except (InputError, ValueError, OSError) as err:  # a cache is disposable: recompute rather than fail the stage
+            quarantine(path, str(err))
             cache = {}
     entries = cache.get("entries") if isinstance(cache.get("entries"), dict) else {}
     entry = entries.get(key)

@@ -276,8 +276,44 @@ def build_stats(data: PreparedData, removed: dict[str, int]) -> dict:
     return stats
 
 
+def source_name(params: Params, split: str) -> str:
+    """Where a split's records come from, in params terms (for error messages)."""
+    cfg = params.prepare
+    if cfg.source == "jsonl":
+        specs = cfg.jsonl.corpus if split == "corpus" else getattr(cfg.jsonl, split)
+        files = ", ".join(s.path for s in specs) or "no files listed"
+        return f"prepare.jsonl.{split} ({files})"
+    if cfg.source == "hf":
+        if split == "corpus":
+            return "prepare.hf (corpus files and context paragraphs)"
+        names = ", ".join(f"{d.name}[{d.split}]" for d in cfg.hf.datasets if d.role == split) or "no datasets"
+        return f"prepare.hf.datasets with role: {split} ({names})"
+    return f"prepare.knowledge_world ({split})"
+
+
+def check_splits(data: PreparedData, params: Params) -> None:
+    """Fail at once on a split the pipeline needs but the source left empty, with one line naming the
+    source: the eval split and the corpus always (evaluate and index read them), the train split
+    when a trained model is evaluated (sft, rl, rl_<name>: the sample / sft / rl stages read it)."""
+    from searchrl.evaluation import is_trained
+
+    needed = [("eval", data.eval), ("corpus", data.corpus)]
+    trained = [m for m in params.evaluate.methods if is_trained(m)]
+    if trained:
+        needed.insert(0, ("train", data.train))
+    for split, items in needed:
+        if not items:
+            why = f" (evaluate.methods {', '.join(trained)} need a training set)" if split == "train" else ""
+            raise InputError("params.yaml", f"{split} split is empty{why}", field=source_name(params, split),
+                             fix="list a file with records for it" if split != "train" else
+                             "list training files, or evaluate only direct / rag / agent_* methods")
+
+
 def prepare_data(params: Params, answer_fn: AnswerFn | None = None, prompt_key: str = "") -> PreparedData:
-    return finalize(load_source(params, answer_fn, prompt_key))
+    """Load, finalize and check the splits (`check_splits`) of `params.prepare.source`."""
+    data = finalize(load_source(params, answer_fn, prompt_key))
+    check_splits(data, params)
+    return data
 
 
 def write_outputs(data: PreparedData, out_dir: str | Path) -> dict[str, Path]:

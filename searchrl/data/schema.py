@@ -14,13 +14,54 @@ Knowledge World metadata keys (all optional for other sources):
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from searchrl.errors import InputError
+
 QA_COLUMNS = ["id", "dataset", "split", "question", "answers", "metadata"]
 PASSAGE_COLUMNS = ["id", "title", "text", "source"]
+
+
+def _invisible(ch: str) -> bool:
+    return ch.isspace() or unicodedata.category(ch) == "Cf"
+
+
+def strip_text(value: str) -> str:
+    """`value` without leading / trailing whitespace and invisible formatting characters (Unicode
+    category Cf: zero-width space and joiners, BOM, bidi marks, soft hyphen...)."""
+    start, end = 0, len(value)
+    while start < end and _invisible(value[start]):
+        start += 1
+    while end > start and _invisible(value[end - 1]):
+        end -= 1
+    return value[start:end]
+
+
+def is_blank(value: str) -> bool:
+    """True when nothing visible is left after removing whitespace and invisible formatting
+    characters (`strip_text`). Every reader and every validation suite uses this one definition."""
+    return not strip_text(value)
+
+
+def answer_text(value) -> str | None:
+    """A gold answer as text: a string (`strip_text`) or a finite number; bools are "yes" / "no"
+    (HotpotQA style). None for a blank string. ValueError for anything else (NaN, infinity, null, a
+    list...), with the reason as its message."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise ValueError(f"answer is {value!r}: expected a string or a finite number")
+        return str(value)
+    if isinstance(value, str):
+        return strip_text(value) or None
+    raise ValueError(f"expected a string answer, got {'null' if value is None else type(value).__name__}")
 
 
 @dataclass
@@ -73,21 +114,43 @@ def passage_frame(passages: list[Passage]) -> pd.DataFrame:
     return pd.DataFrame([asdict(p) for p in passages], columns=PASSAGE_COLUMNS)
 
 
-def qa_records(df: pd.DataFrame) -> list[QARecord]:
-    return [
-        QARecord(id=str(r.id), dataset=str(r.dataset), split=str(r.split), question=str(r.question),
-                 answers=[str(a) for a in r.answers], metadata=json.loads(r.metadata) if r.metadata else {})
-        for r in df.itertuples(index=False)
-    ]
+def qa_records(df: pd.DataFrame, source: str = "QA frame") -> list[QARecord]:
+    """Records of a QA frame; a blank question or an answer that is not text (NaN, null, blank) is an
+    InputError naming `source`, the row (1-based) and the field."""
+    out = []
+    for n, r in enumerate(df.itertuples(index=False), start=1):
+        if not isinstance(r.question, str) or is_blank(r.question):
+            raise InputError(source, f"row {n}: empty question", field="question")
+        answers = []
+        items = [r.answers] if r.answers is None or isinstance(r.answers, str) else list(r.answers)
+        try:
+            for a in items:
+                text = answer_text(a)
+                if text is None:
+                    raise ValueError("blank answer")
+                answers.append(text)
+        except ValueError as err:
+            raise InputError(source, f"row {n}: {err}", field="answers") from None
+        if not answers:
+            raise InputError(source, f"row {n}: empty answer list", field="answers")
+        out.append(QARecord(id=str(r.id), dataset=str(r.dataset), split=str(r.split), question=r.question,
+                            answers=answers, metadata=json.loads(r.metadata) if r.metadata else {}))
+    return out
 
 
-def passages(df: pd.DataFrame) -> list[Passage]:
-    return [Passage(str(r.id), str(r.title), str(r.text), str(r.source)) for r in df.itertuples(index=False)]
+def passages(df: pd.DataFrame, source: str = "corpus frame") -> list[Passage]:
+    """Passages of a corpus frame; a blank text is an InputError naming `source`, row and field."""
+    out = []
+    for n, r in enumerate(df.itertuples(index=False), start=1):
+        if not isinstance(r.text, str) or is_blank(r.text):
+            raise InputError(source, f"row {n}: empty passage text", field="text")
+        out.append(Passage(str(r.id), "" if r.title is None else str(r.title), r.text, str(r.source)))
+    return out
 
 
 def read_qa(path: str | Path) -> list[QARecord]:
-    return qa_records(pd.read_parquet(path))
+    return qa_records(pd.read_parquet(path), str(path))
 
 
 def read_corpus(path: str | Path) -> list[Passage]:
-    return passages(pd.read_parquet(path))
+    return passages(pd.read_parquet(path), str(path))

@@ -10,6 +10,10 @@ encoder: `CachedRetriever.for_index(dir, path)` only opens the index on the firs
 Concurrency: one SQLite connection per thread and process, WAL journal, a 60 s busy timeout and
 `INSERT OR IGNORE` (the first stored answer wins), so several readers and one writer at a time
 (threads, DataLoader workers, a second stage) are safe.
+
+The cache is disposable: a file that is not an SQLite database (or one SQLite reports as malformed)
+is moved aside as `NAME.damaged-<time>` with a warning naming it (`searchrl.io.quarantine`), and an
+empty cache takes its place; the searches it held are simply redone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from searchrl.io import quarantine
 from searchrl.retrieval.base import Hit, Retriever
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,7 @@ class CachedRetriever:
         self._local = threading.local()
         self._load_lock = threading.Lock()
         self.hits = self.misses = 0
+        self._recovery_lock = threading.Lock()
         self._conn()  # create the schema now: a bad path fails here, not mid-evaluation
 
     @classmethod
@@ -79,12 +85,56 @@ class CachedRetriever:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():  # never share a connection across fork
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            try:
+                conn = self._open()
+            except sqlite3.DatabaseError as err:
+                if not _damaged(err):
+                    raise
+                self._discard(err)
+                conn = self._open()
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(SCHEMA)
-            self._local.conn, self._local.pid = conn, os.getpid()
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _discard(self, err: BaseException) -> None:
+        """Move the damaged database aside, unless another thread or process already replaced it
+        (checked under a file lock, so two processes never move each other's fresh cache)."""
+        from filelock import FileLock
+
+        with self._recovery_lock, FileLock(self.path.with_name(f".{self.path.name}.lock")):
+            if getattr(self._local, "conn", None) is not None and self._local.pid == os.getpid():
+                self._local.conn.close()
+            self._local.conn = None
+            try:
+                probe = self._open()
+                probe.execute("SELECT COUNT(*) FROM hits").fetchone()
+                probe.close()
+                return  # a fresh cache is already in place
+            except sqlite3.DatabaseError as again:
+                if not _damaged(again):
+                    raise
+            quarantine(self.path, str(err), sidecars=("-wal", "-shm"))
+
+    def _guarded(self, fn: Callable[[sqlite3.Connection], object]):
+        """Run `fn(connection)`; a database found damaged mid-run is replaced by an empty one and `fn`
+        runs once more on it."""
+        try:
+            return fn(self._conn())
+        except sqlite3.DatabaseError as err:
+            if not _damaged(err):
+                raise
+            self._discard(err)
+            return fn(self._conn())
 
     @property
     def retriever(self) -> Retriever:
@@ -104,28 +154,35 @@ class CachedRetriever:
 
     def lookup(self, queries: list[str], k: int) -> dict[str, list[Hit]]:
         """Cached hits for the queries that have them."""
-        found: dict[str, list[Hit]] = {}
         uniq = list(dict.fromkeys(queries))
-        conn = self._conn()
-        for a in range(0, len(uniq), _CHUNK):
-            part = uniq[a:a + _CHUNK]
-            rows = conn.execute(
-                f"SELECT query, hits FROM hits WHERE manifest_hash = ? AND k = ? AND query IN "
-                f"({','.join('?' * len(part))})", [self.manifest_hash, k, *part]).fetchall()
-            found.update((q, _decode_hits(h)) for q, h in rows)
-        return found
+
+        def select(conn: sqlite3.Connection) -> dict[str, list[Hit]]:
+            found: dict[str, list[Hit]] = {}
+            for a in range(0, len(uniq), _CHUNK):
+                part = uniq[a:a + _CHUNK]
+                rows = conn.execute(
+                    f"SELECT query, hits FROM hits WHERE manifest_hash = ? AND k = ? AND query IN "
+                    f"({','.join('?' * len(part))})", [self.manifest_hash, k, *part]).fetchall()
+                found.update((q, _decode_hits(h)) for q, h in rows)
+            return found
+
+        return self._guarded(select)
 
     def store(self, results: dict[str, list[Hit]], k: int) -> None:
         now = time.time()
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT OR IGNORE INTO hits VALUES (?, ?, ?, ?, ?)",
-                             [(self.manifest_hash, k, q, _encode_hits(h), now) for q, h in results.items()])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        rows = [(self.manifest_hash, k, q, _encode_hits(h), now) for q, h in results.items()]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR IGNORE INTO hits VALUES (?, ?, ?, ?, ?)", rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        self._guarded(insert)
 
     # ------------------------------------------------------------------ Retriever
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
@@ -142,8 +199,8 @@ class CachedRetriever:
         return [list(found[q]) for q in queries]
 
     def __len__(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM hits WHERE manifest_hash = ?",
-                                    [self.manifest_hash]).fetchone()[0]
+        return self._guarded(lambda conn: conn.execute("SELECT COUNT(*) FROM hits WHERE manifest_hash = ?",
+                                                       [self.manifest_hash]).fetchone()[0])
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -153,3 +210,10 @@ class CachedRetriever:
 
     def __repr__(self) -> str:
         return f"CachedRetriever({self.path}, {self.manifest_hash}, hits={self.hits}, misses={self.misses})"
+
+
+def _damaged(err: sqlite3.DatabaseError) -> bool:
+    """SQLite's errors for a file that is not (or no longer) a usable database ("database is locked"
+    and constraint errors are not damage)."""
+    text = str(err).lower()
+    return any(s in text for s in ("not a database", "malformed", "file is encrypted"))

@@ -42,7 +42,7 @@ import pandas as pd
 
 from searchrl.data.schema import PASSAGE_COLUMNS, Passage, passage_contents, passage_frame
 from searchrl.errors import ConfigError, IndexCorruptedError, InputError
-from searchrl.io import atomic_path, sha256_file, stable_hash, write_json
+from searchrl.io import atomic_path, quarantine, sha256_file, stable_hash, write_json
 from searchrl.retrieval.base import Hit
 from searchrl.retrieval.encoder import Encoder, canonical_name, fingerprint
 
@@ -165,10 +165,8 @@ def _shard_ok(path: Path, rows: int, dim: int) -> bool:
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def encode_order(texts: list[str], encoder: Encoder, cache: Path | None = None) -> np.ndarray:
@@ -179,9 +177,13 @@ def encode_order(texts: list[str], encoder: Encoder, cache: Path | None = None) 
     benchmark paragraphs, batches in character order run 1.44 tokens per real token, in token order
     1.002 (bench/results/index_build.json, "padding")."""
     if cache is not None and cache.is_file():
-        order = np.load(cache)
-        if len(order) == len(texts) and np.array_equal(np.sort(order), np.arange(len(texts))):
-            return order
+        try:
+            order = np.load(cache)
+        except (OSError, ValueError) as err:  # a cache is disposable: recount rather than fail the stage
+            quarantine(cache, str(err))
+        else:
+            if len(order) == len(texts) and np.array_equal(np.sort(order), np.arange(len(texts))):
+                return order
     t0 = time.perf_counter()
     lengths = encoder.token_lengths(texts)
     order = np.lexsort((np.arange(len(texts)), -lengths))
@@ -413,6 +415,8 @@ def manifest_identity(manifest: dict, nprobe: int | None = None, ef_search: int 
     if manifest.get("kind") == "dense":
         ident["search"] = search_params(manifest["factory"], nprobe or manifest["nprobe"],
                                         ef_search or manifest["ef_search"])
+    else:  # BM25 keeps positive scores only: cache entries written before (k rows, zeros too) must not replay
+        ident["search"] = {"hits": "score>0"}
     return ident
 
 
@@ -554,10 +558,15 @@ class BM25Retriever(_BaseRetriever):
         self.bm25 = bm25
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
+        """Up to k hits per query, best first, only passages sharing a term with the query: bm25s
+        returns k rows whatever the scores, and a score of 0 (no query term in the passage, or a
+        query of stopwords only) is no match, so such a query gets an empty list (the protocol's
+        no-results block)."""
         kk = self._check(queries, k)
         if not queries:
             return []
         ids, scores = self.bm25.retrieve(_bm25_tokenize(list(queries)), k=kk, show_progress=False)
+        ids = np.where(np.asarray(scores) > 0, np.asarray(ids, dtype=np.int64), -1)  # -1: dropped by hits()
         return self.store.hits(ids, scores)
 
 

@@ -14,8 +14,15 @@ set T, and the policy is trained on them with
 otherwise weight it several times); which of them is rewritten: the one with the fewest retrievals.
 
 Rewriters (`rl.rewriter`):
-    oracle   Knowledge World only: each hop of the question's hop chain (metadata["hops"]) written as a
-             plain statement; the answer is the rollout's own (correct) answer. Exact, free, no model.
+    oracle   the source's gold evidence, no model. Knowledge World: each hop of the question's hop
+             chain (metadata["hops"]) written as a plain statement. Real multi-hop QA with gold
+             supporting paragraphs (HotpotQA / 2Wiki supporting facts, IRCoT is_supporting, MuSiQue
+             decompositions; searchrl/training/evidence.py): for each gold paragraph the rollout
+             actually retrieved (by title, in the evidence's reading order), the sentence of it that
+             states the fact (`evidence.fact_sentence`, verbatim from the passage as the rollout saw
+             it). Either way the answer is the rollout's own (correct) answer; a rollout that
+             retrieved no gold paragraph, or a record without evidence, gets no rewrite. Which
+             sources carry evidence is checked at start-up (searchrl/config.py).
     policy   the live policy, prompted (REWRITE_SYSTEM) with the question and the retrieved passages,
              greedy. Small policies rarely produce an accepted rewrite; the set size shows it.
     teacher  the same prompt sent to the teacher model (a local dir / hub id, or an OpenAI-compatible
@@ -33,11 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from searchrl.agent.backends import chat_prompt_ids, encode
-from searchrl.agent.protocols import Protocol
+from searchrl.agent.backends import chat_prompt_ids, encode_untrusted
+from searchrl.agent.protocols import Protocol, sanitize_passage
 from searchrl.agent.trajectory import Trajectory
 from searchrl.errors import ConfigError
 from searchrl.rewards import is_correct
+from searchrl.training.evidence import evidence_steps, fact_sentence, has_evidence
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +102,37 @@ def hop_statement(hop: dict) -> str:
     return text[:1].upper() + text[1:]
 
 
+def retrieved_gold_facts(item: RewriteItem) -> list[str]:
+    """For each gold step of an evidence record, in order: the fact sentence of the first passage the
+    rollout retrieved with the step's gold title (`item.info` lines are "Title: text"); steps whose
+    paragraph was not retrieved are left out, repeated sentences once."""
+    facts: list[str] = []
+    for step in evidence_steps(item.question, [item.answer.strip()], item.metadata):
+        title = sanitize_passage(step.title)
+        prefix = f"{title}: ".lower()
+        body = next((p[len(prefix):] for p in item.info if title and p.lower().startswith(prefix)), None)
+        if body is None:
+            continue
+        body = body[: -len(" ...")] if body.endswith(" ...") else body  # the block's cut marker
+        fact = fact_sentence(body, step.anchors, item.question, step.gold_sentences)
+        if fact and fact not in facts:
+            facts.append(fact)
+    return facts
+
+
 def oracle_rewrite(item: RewriteItem) -> str | None:
+    """Knowledge World hops as statements, or the retrieved gold facts of an evidence record, each in
+    <internal>, then the rollout's answer; None when the record has neither or nothing gold was retrieved."""
     hops = item.metadata.get("hops") or []
-    if not hops:
+    if hops:
+        facts = [hop_statement(h) for h in hops]
+    elif has_evidence(item.metadata):
+        facts = retrieved_gold_facts(item)
+    else:
+        facts = []
+    if not facts:
         return None
-    steps = "\n".join(f"<internal>{hop_statement(h)}</internal>" for h in hops)
+    steps = "\n".join(f"<internal>{f}</internal>" for f in facts)
     return f"{steps}\n<answer>{item.answer}</answer>"
 
 
@@ -137,6 +171,21 @@ def make_rewriter(kind: str, policy_backend=None, teacher_backend=None, max_new_
                               "http(s)://.../v1 endpoint)")
         return model_rewriter(teacher_backend, max_new_tokens)
     raise ConfigError(f"rl.rewriter: unknown rewriter '{kind}' (oracle | policy | teacher)")
+
+
+def empty_set_warning(set_sizes: Sequence[float], candidates: Sequence[float], window: int,
+                      rewriter: str) -> str | None:
+    """The warning to log when memorization is on but its set T was empty in each of the last `window`
+    steps (`set_sizes` / `candidates`: the per-step `memorization/size` and `memorization/candidates`,
+    oldest first); None otherwise, or before `window` steps. The message says which side is empty:
+    no correct rollout that searched (nothing to rewrite), or the rewriter's output all rejected."""
+    if window < 1 or len(set_sizes) < window or any(n > 0 for n in set_sizes[-window:]):
+        return None
+    offered = int(sum(candidates[-window:]))
+    why = (f"the rewriter was offered {offered} correct searched rollouts and none of its rewrites was accepted"
+           if offered else "no rollout was both correct and searched, so there was nothing to rewrite")
+    return (f"memorization is on (rl.rewriter: {rewriter}, mu > 0) but its set has been empty for {window} steps: "
+            f"{why}; the memorization loss is doing nothing")
 
 
 # ----------------------------------------------------------------------------- selection and filtering
@@ -190,7 +239,8 @@ def build_memorization_set(trajs: Sequence[Trajectory], correct: Sequence[bool],
         if not accept_rewrite(text, golds[it.question_id], protocol, max_words):
             continue
         _, prompt_ids = protocol.prompt_ids(tokenizer, it.question)
-        out.append(MemoryExample(it.question_id, text, list(prompt_ids), encode(tokenizer, text)))
+        ids = encode_untrusted(tokenizer, text, allow=protocol.tags)  # the rewriter's text: only our tags
+        out.append(MemoryExample(it.question_id, text, list(prompt_ids), ids))
     return out, {"candidates": float(len(items)), "accepted": float(len(out))}
 
 

@@ -8,10 +8,21 @@ Samplers run in the order of `sample.sampler`; each draws trajectories through t
              `temperature` (the paper's method);
     teacher  another model with the same prompt (searchrl/training/teacher.py: a local / hub model,
              vLLM, or an OpenAI-compatible endpoint);
-    oracle   Knowledge World only: the question's hop chain written out by a scripted backend:
-             an internal hop recalled in <internal>, an external hop searched with a real query
-             (the retriever inserts the real documents), the fact restated, then the answer;
-             `oracle_variants` wordings of the queries per question.
+    oracle   the source's gold evidence, written out by a scripted backend (ScriptBackend in
+             searchrl/training/teacher.py) through the same loop, so the retriever inserts the real
+             documents; `oracle_variants` wordings of the queries per question. What it writes
+             depends on the evidence the record carries (`oracle_kind`):
+               hops      Knowledge World hop chains: an internal hop recalled in <internal>, an
+                         external hop searched with a relation-worded query, the fact restated;
+               evidence  real multi-hop QA with gold supporting paragraphs (HotpotQA / 2Wiki
+                         `supporting_facts`, IRCoT `is_supporting`, MuSiQue `question_decomposition`;
+                         searchrl/training/evidence.py): one query per supporting paragraph (MuSiQue:
+                         the hop's sub-question with earlier answers put in; HotpotQA / 2Wiki: the
+                         gold title and the question's keywords; the first wording whose real top-k
+                         holds the gold paragraph), then one sentence of the retrieved gold passage
+                         restating the fact (verbatim, never invented), then the gold answer.
+             Records without either are skipped (counted as `no_evidence`); a source whose training
+             files carry no evidence at all is a config error at start-up (searchrl/config.py).
 
 Every candidate is judged by the same filters, each reported on its own:
 
@@ -20,7 +31,9 @@ Every candidate is judged by the same filters, each reported on its own:
     retrieval  every document block is exactly what the retriever returns for the block's query
                (text and passage ids), so no block was forged or edited
     self_docs  no document tag in the model's own text (no self-written documents)
-    grounded   (oracle only) each external hop's fact is in the documents its query brought back
+    grounded   (oracle only) hops: each external hop's object is in the documents its query brought
+               back; evidence: each query's document block holds its gold paragraph (title) and the
+               sentence restated after the block is text of that block
 
 Accepted candidates are ranked by retrieval count (fewest first: R1-Searcher++ prefers internal
 knowledge), then by length; duplicates are dropped and up to `keep_per_question` are kept.
@@ -48,11 +61,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from searchrl.agent.protocols import Protocol
+from searchrl.agent.backends import added_tokens
+from searchrl.agent.protocols import Protocol, sanitize_passage
 from searchrl.agent.trajectory import Trajectory
 from searchrl.data.schema import QARecord
 from searchrl.errors import ConfigError
 from searchrl.rewards import is_correct
+from searchrl.training.evidence import (
+    evidence_steps,
+    fact_sentence,
+    has_evidence,
+    title_matches,
+    visible_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +97,6 @@ class Candidate:
 
 
 # ----------------------------------------------------------------------------- filters
-def special_tokens(tokenizer) -> tuple[str, ...]:
-    """The tokenizer's special tokens, which the engine strips from passages (sanitising)."""
-    return tuple(t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t)
-
-
 def document_problems(trajs: Sequence[Trajectory], protocol: Protocol, retriever, top_k: int,
                       specials: Sequence[str] = ()) -> list[list[str]]:
     """Per trajectory, every document block that is not exactly the retriever's answer to its query.
@@ -199,8 +215,8 @@ def oracle_segments(record: QARecord, protocol: Protocol, variant: int = 0) -> l
 
     hops = record.metadata.get("hops")
     if not hops:
-        raise ConfigError(f"sample.sampler oracle: question {record.id} has no hop chain (metadata.hops); the "
-                          "oracle needs the Knowledge World (prepare.source: knowledge_world)")
+        raise ConfigError(f"sample.sampler oracle: question {record.id} has no hop chain (metadata.hops); "
+                          "records with gold evidence go to evidence_segments")
     internal = getattr(protocol, "internal_open", None), getattr(protocol, "internal_close", None)
     segments, text = [], ""
     for i, hop in enumerate(hops):
@@ -211,15 +227,111 @@ def oracle_segments(record: QARecord, protocol: Protocol, variant: int = 0) -> l
             text += f"{protocol.query_open}{oracle_query(hop, variant + i)}{protocol.query_close}"
             segments.append(text)
             text = f"{fact}\n"
-    answer = f"{protocol.answer_open}{record.answers[0]}{protocol.answer_close}"
-    if protocol.name == "r1searcher":  # reasoning lives inside <think> (opened by the prompt)
-        answer = f"</think>\n{answer}"
-    segments.append(text + answer)
+    segments.append(text + answer_segment(record, protocol))
     return segments
 
 
-def grounded(traj: Trajectory, record: QARecord) -> bool:
-    """Each external hop's object (any gold alias for the last hop) appears in its document block."""
+def answer_segment(record: QARecord, protocol: Protocol) -> str:
+    """The last segment's ending: the gold answer in the answer tags (R1-Searcher: after </think>).
+    Tags in the data are removed, so a gold answer can never close or open one."""
+    answer = f"{protocol.answer_open}{sanitize_passage(record.answers[0])}{protocol.answer_close}"
+    return f"</think>\n{answer}" if protocol.name == "r1searcher" else answer  # <think> opened by the prompt
+
+
+def oracle_kind(record: QARecord) -> str | None:
+    """Which oracle can write this record: "hops" (Knowledge World), "evidence" (gold supporting
+    paragraphs, searchrl/training/evidence.py) or None."""
+    if record.metadata.get("hops"):
+        return "hops"
+    return "evidence" if has_evidence(record.metadata) else None
+
+
+@dataclass
+class EvidencePlan:
+    """The evidence oracle's script for one question: per supporting paragraph the query it writes
+    and the sentence it restates after the documents."""
+
+    queries: list[str]
+    facts: list[str]
+
+
+def plan_evidence(records: Sequence[QARecord], retriever, protocol: Protocol, top_k: int, variant: int = 0,
+                  specials: Sequence[str] = ()) -> dict[str, EvidencePlan]:
+    """Per question id: for each gold step (`evidence_steps`) the first query wording (rotated by
+    `variant`) whose top-k holds the gold title, else the first wording; the restated fact is
+    `fact_sentence` of the gold passage as the block shows it (of the top passage when the gold one
+    is missing: the candidate then fails `grounded`). Every wording of every question is searched in
+    one batched call, with the protocol's own query cleaning, so the engine's searches replay them."""
+    steps = {r.id: evidence_steps(r.question, r.answers, r.metadata) for r in records}
+    wordings = {r.id: [s.queries[variant % len(s.queries):] + s.queries[: variant % len(s.queries)]
+                       for s in steps[r.id]] for r in records}
+    sent = sorted({protocol.clean_query(w) for ws in wordings.values() for step in ws for w in step} - {""})
+    hits = dict(zip(sent, retriever.search(sent, top_k), strict=True)) if sent else {}
+    plans = {}
+    for r in records:
+        plan = EvidencePlan([], [])
+        for step, options in zip(steps[r.id], wordings[r.id], strict=True):
+            results = [(w, list(hits.get(protocol.clean_query(w), []))[:top_k]) for w in options]
+            found = [(w, hs, next(h for h in hs if title_matches(h.title, step.title)))
+                     for w, hs in results if any(title_matches(h.title, step.title) for h in hs)]
+            query, docs, gold = found[0] if found else (*results[0], None)
+            source = gold or (docs[0] if docs else None)
+            text = visible_text(source.title, source.text, protocol.max_passage_words, specials) if source else ""
+            plan.queries.append(query)
+            plan.facts.append(fact_sentence(text, step.anchors, r.question, step.gold_sentences))
+        plans[r.id] = plan
+    return plans
+
+
+def evidence_segments(record: QARecord, plan: EvidencePlan, protocol: Protocol) -> list[str]:
+    """The evidence oracle's model segments: one per query (ending with the query close tag), each
+    after the first opening with the previous block's restated fact, the last ending with the answer."""
+    segments, text = [], ""
+    for query, fact in zip(plan.queries, plan.facts, strict=True):
+        segments.append(f"{text}{protocol.query_open}{query}{protocol.query_close}")
+        text = f"{fact}\n" if fact else ""
+    return [*segments, text + answer_segment(record, protocol)]
+
+
+def gold_in_blocks(traj: Trajectory, record: QARecord, protocol: Protocol) -> list[bool]:
+    """Per document block of an evidence record's trajectory (at most one per gold step, in order):
+    the block lists a passage with the step's gold title, as `format_passage` prints it."""
+    steps = evidence_steps(record.question, record.answers, record.metadata)
+    blocks = [s.text.lower() for s in traj.segments if s.role == "env"]
+    out = []
+    for i, (step, block) in enumerate(zip(steps, blocks, strict=False)):
+        title = sanitize_passage(step.title)
+        n = len(traj.retrieved_ids[i]) if i < len(traj.retrieved_ids) else 0
+        out.append(bool(title) and any(("\n" + protocol.format_passage(j, title, "")).lower() in block
+                                       for j in range(1, n + 1)))
+    return out
+
+
+def restated_from_blocks(traj: Trajectory) -> bool:
+    """Every document block is followed by a model segment whose first line (the restated fact) is
+    non-empty text of that block."""
+    segs = traj.segments
+    for i, seg in enumerate(segs):
+        if seg.role != "env":
+            continue
+        nxt = segs[i + 1].text if i + 1 < len(segs) and segs[i + 1].role == "model" else ""
+        line = nxt.split("\n", 1)[0].strip()
+        if not line or line not in seg.text:
+            return False
+    return True
+
+
+def grounded(traj: Trajectory, record: QARecord, protocol: Protocol | None = None) -> bool:
+    """hops: each external hop's object (any gold alias for the last hop) appears in its document
+    block. evidence (needs `protocol`): one block per gold step, each holding its gold paragraph,
+    and each restated fact taken from its block."""
+    if oracle_kind(record) == "evidence":
+        if protocol is None:
+            raise ValueError("grounded: an evidence record needs the protocol")
+        n_steps = len(evidence_steps(record.question, record.answers, record.metadata))
+        found = gold_in_blocks(traj, record, protocol)
+        n_blocks = sum(s.role == "env" for s in traj.segments)
+        return n_steps > 0 and n_blocks == n_steps and all(found) and restated_from_blocks(traj)
     hops = [h for h in record.metadata.get("hops", []) if h.get("source") != "internal"]
     blocks = [s.text.lower() for s in traj.segments if s.role == "env"]
     if len(blocks) != len(hops):
@@ -229,14 +341,24 @@ def grounded(traj: Trajectory, record: QARecord) -> bool:
 
 def oracle_rollouts(records: Sequence[QARecord], tokenizer, retriever, protocol: Protocol, agent_cfg,
                     variants: int, seed: int) -> list[Trajectory]:
-    """`variants` oracle trajectories per question, through the agent loop with real retrieval."""
+    """`variants` oracle trajectories per question that has hops or gold evidence (`oracle_kind`),
+    through the agent loop with real retrieval; the others are skipped (see `run_sampling`)."""
     from searchrl.agent.engine import run_rollouts
     from searchrl.training.teacher import ScriptBackend
 
+    usable = [r for r in records if oracle_kind(r)]
+    if not usable:
+        raise ConfigError(f"sample.sampler oracle: none of the {len(records)} questions has gold evidence (Knowledge "
+                          "World hop chains, or HotpotQA / 2Wiki / MuSiQue supporting facts); use policy or teacher")
+    evidence = [r for r in usable if oracle_kind(r) == "evidence"]
+    specials = added_tokens(tokenizer)
     out: list[Trajectory] = []
     for v in range(variants):
-        scripts = {r.question.strip(): oracle_segments(r, protocol, v) for r in records}
-        trajs = run_rollouts(ScriptBackend(tokenizer, scripts), retriever, protocol, list(records), n=1,
+        plans = plan_evidence(evidence, retriever, protocol, agent_cfg.top_k, v, specials) if evidence else {}
+        scripts = {r.question.strip(): (evidence_segments(r, plans[r.id], protocol) if r.id in plans
+                                        else oracle_segments(r, protocol, v)) for r in usable}
+        backend = ScriptBackend(tokenizer, scripts, allow=protocol.tags)
+        trajs = run_rollouts(backend, retriever, protocol, usable, n=1,
                              temperature=0.0, agent_cfg=agent_cfg, seed=seed, source="oracle")
         for t in trajs:
             t.sample_index = v
@@ -284,10 +406,14 @@ def run_sampling(records: Sequence[QARecord], samplers: Sequence[str], backend_f
             if oracle_tokenizer is None:
                 raise ConfigError("sample.sampler oracle: no tokenizer to write the oracle's text with")
             trajs = oracle_rollouts(todo, oracle_tokenizer, retriever, protocol, agent_cfg, oracle_variants, seed)
-            specials = special_tokens(oracle_tokenizer)
+            specials = added_tokens(oracle_tokenizer)
+            st["no_evidence"] = sum(oracle_kind(r) is None for r in todo)
+            if st["no_evidence"]:
+                log.warning("sample[oracle]: %d of %d questions carry no gold evidence (no hop chain, no supporting "
+                            "facts); the oracle skips them", st["no_evidence"], len(todo))
         elif name in MODEL_SAMPLERS:
             backend = backend_for(name)
-            specials = special_tokens(backend.tokenizer)
+            specials = added_tokens(backend.tokenizer)
             rstats = RolloutStats()
             trajs = []
             step = max(1, (4 * agent_cfg.batch_size) // n_samples)  # questions per engine call
@@ -305,10 +431,17 @@ def run_sampling(records: Sequence[QARecord], samplers: Sequence[str], backend_f
             raise ConfigError(f"sample.sampler: unknown sampler '{name}' (policy | teacher | oracle)")
         cands = judge(trajs, golds, protocol, retriever, agent_cfg.top_k, name, max_answer_words, specials)
         if name == "oracle":
+            found = []
             for c in cands:
-                c.checks["grounded"] = grounded(c.traj, by_id[c.traj.question_id])
+                rec = by_id[c.traj.question_id]
+                c.checks["grounded"] = grounded(c.traj, rec, protocol)
                 if not c.checks["grounded"]:
                     c.reasons.append("ungrounded: a searched fact is not in the documents its query returned")
+                if oracle_kind(rec) == "evidence":
+                    found.extend(gold_in_blocks(c.traj, rec, protocol))
+            if found:  # how often the real retriever brought the gold paragraph back (per inserted block)
+                st["evidence"] = {"gold_blocks": len(found), "gold_retrieved": sum(found),
+                                  "gold_recall": round(sum(found) / len(found), 4)}
         if name == difficulty_from:
             for r in todo:
                 mine = [c for c in cands if c.traj.question_id == r.id]

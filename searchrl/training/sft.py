@@ -22,23 +22,28 @@ Training: full fine-tune by default, LoRA via peft (`sft.use_lora`, adapters mer
 `use_cpu`, float32, no gradient checkpointing; on CUDA float32 master weights with bf16 autocast when
 the policy dtype is bfloat16, and optional gradient checkpointing. Checkpoints every `save_steps` go to `sft.checkpoint_dir` (not a DVC
 output, so an interrupted run leaves them); a rerun with the same data and settings (a fingerprint
-file guards this) resumes from the last one: global step, optimizer, scheduler and RNG state.
+file guards this) resumes from the newest complete one (searchrl/training/checkpoints.py: a checkpoint half-written when the
+stage was killed is skipped): global step, optimizer, scheduler and RNG state. Checkpoints of another
+run are deleted only after the trainer has been built, so a bad setting never costs resumable work.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from searchrl.agent.backends import encode
+from searchrl import distributed as dist
+from searchrl.agent.backends import encode_untrusted
 from searchrl.agent.protocols import Protocol, get_protocol
 from searchrl.agent.trajectory import Segment, Trajectory
 from searchrl.errors import InputError, SearchRLError
 from searchrl.io import atomic_path, iter_jsonl, stable_hash
+from searchrl.training.checkpoints import last_complete_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,8 @@ def student_trajectory(traj: Trajectory, tokenizer, protocol: Protocol) -> Traje
     """A copy in the student's tokens: the student's prompt for the question, each segment tokenised on
     its own (no logprobs: they were another model's, or none)."""
     prompt_text, prompt_ids = protocol.prompt_ids(tokenizer, traj.question)
-    segments = [Segment(s.role, s.text, encode(tokenizer, s.text), None) for s in traj.segments]
+    segments = [Segment(s.role, s.text, encode_untrusted(tokenizer, s.text, allow=protocol.tags), None)
+                for s in traj.segments]  # another model's text: only our tags may become added tokens
     fields = {**traj.__dict__, "prompt_text": prompt_text, "prompt_ids": prompt_ids, "segments": segments}
     return Trajectory(**fields)
 
@@ -116,12 +122,15 @@ def training_args(cfg, out_dir: str | Path, seed: int, device: str, dtype: str, 
     """SFTConfig from the `sft` params section."""
     from trl import SFTConfig
 
+    from searchrl.distributed import world_size
+
     cuda = _is_cuda(device)
     return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
+        # the effective batch is batch_size whatever the number of processes (each rank accumulates its share)
+        gradient_accumulation_steps=cfg.batch_size // (cfg.micro_batch_size * world_size()),
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
@@ -138,7 +147,7 @@ def training_args(cfg, out_dir: str | Path, seed: int, device: str, dtype: str, 
         data_seed=seed,
         use_cpu=not cuda,
         bf16=cuda and dtype == "bfloat16",
-        activation_checkpointing=cuda and cfg.gradient_checkpointing,  # SFTConfig's default is on
+        gradient_checkpointing=cuda and cfg.gradient_checkpointing,  # SFTConfig's default is on
         train_sampling_strategy="group_by_length",  # batches of similar length: less padding
         report_to=report_to,
         run_name="sft",
@@ -153,20 +162,28 @@ def fingerprint(examples: Sequence[dict], cfg, model_name: str, seed: int) -> st
     return stable_hash({"data": stable_hash(list(examples)), "sft": settings, "model": model_name, "seed": seed})
 
 
-def prepare_checkpoint_dir(path: Path, key: str) -> str | None:
-    """The checkpoint to resume from (None for a fresh start). Checkpoints of another run (different
-    data or settings) are deleted first."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+def stale_checkpoints(path: Path, key: str) -> bool:
+    """True when `path` holds checkpoints of another run (different data or settings): they cannot be
+    resumed. Nothing is deleted here: the caller removes them once its trainer has been built."""
     stamp = path / FINGERPRINT
-    if path.is_dir():
+    if not path.is_dir():
+        return False
+    try:
         old = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
-        if old != key:
-            log.info("sft: %s holds checkpoints of another run; starting fresh", path)
-            shutil.rmtree(path)
+    except (OSError, ValueError, AttributeError):
+        old = None
+    return old != key
+
+
+def prepare_checkpoint_dir(path: Path, key: str) -> str | None:
+    """The checkpoint to resume from (None for a fresh start): the newest complete one
+    (searchrl.training.checkpoints). Checkpoints of another run are deleted first."""
+    if stale_checkpoints(path, key):
+        log.info("sft: %s holds checkpoints of another run; starting fresh", path)
+        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": key}) + "\n")
-    last = get_last_checkpoint(str(path))
+    (path / FINGERPRINT).write_text(json.dumps({"fingerprint": key}) + "\n")
+    last = last_complete_checkpoint(path)
     if last:
         log.info("sft: resuming from %s", last)
     return last
@@ -189,7 +206,6 @@ def train_sft(cfg, examples: list[dict], model, tokenizer, out_dir: str | Path, 
         raise SearchRLError("sft: no training examples (every trajectory was longer than sft.max_length, or "
                             "the sample stage kept none)")
     ckpt_dir = Path(cfg.checkpoint_dir)
-    resume = prepare_checkpoint_dir(ckpt_dir, fingerprint(examples, cfg, model_name, seed))
     max_len = max(len(e["input_ids"]) for e in examples)
     args = training_args(cfg, ckpt_dir, seed, device, dtype, report_to, max_len)
     peft_config = None
@@ -200,16 +216,40 @@ def train_sft(cfg, examples: list[dict], model, tokenizer, out_dir: str | Path, 
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(examples)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+    # only now that the trainer exists (every setting accepted) may another run's checkpoints go;
+    # rank 0 tidies the directory, then every rank picks the same newest complete checkpoint
+    key = fingerprint(examples, cfg, model_name, seed)
+    if dist.is_main():
+        prepare_checkpoint_dir(ckpt_dir, key)
+    dist.barrier()
+    resume = last_complete_checkpoint(ckpt_dir, remove_incomplete=False)
+    if resume:
+        log.info("sft: resuming from %s", resume)
     resumed_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with dist.cpu_checkpoint_loading():
+        result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    final = trainer.model
-    if cfg.use_lora:
-        final = final.merge_and_unload()
-    with atomic_path(out_dir) as tmp:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    if dist.world_size() > 1:
+        # every rank joins the save (ZeRO-3 / FSDP gather the shards); rank 0 writes and publishes
+        partial = Path(str(out_dir) + ".partial")
+        trainer.save_model(str(partial))
+        if dist.is_main():
+            if cfg.use_lora:  # the adapters of the saved dir, merged on rank 0
+                from peft import AutoPeftModelForCausalLM
+
+                AutoPeftModelForCausalLM.from_pretrained(partial).merge_and_unload().save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            with atomic_path(out_dir) as tmp:
+                os.replace(partial, tmp)
+        dist.barrier()
+    else:
+        final = trainer.model
+        if cfg.use_lora:
+            final = final.merge_and_unload()
+        with atomic_path(out_dir) as tmp:
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     summary = {
         "examples": len(examples), "steps": int(trainer.state.global_step), "epochs": float(cfg.epochs),

@@ -41,7 +41,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from searchrl.agent.backends import Generation, decode, encode, eos_token_ids
+from searchrl.agent.backends import Generation, decode, encode_untrusted, eos_token_ids
 from searchrl.agent.protocols import Protocol
 from searchrl.errors import ConfigError, SearchRLError
 
@@ -192,7 +192,7 @@ class OpenAIBackend:
         self.stats["requests"] += 1
         text, finish, which = _finish_text(text or "", list(stop), self.protocol, so_far, choice.get("stop_reason"),
                                            choice.get("finish_reason"))
-        tokens = encode(self.tokenizer, text)
+        tokens = encode_untrusted(self.tokenizer, text, allow=self.protocol.tags)  # the teacher's text is not ours
         if finish == "eos" and self.eos_id is not None:
             tokens.append(self.eos_id)
         if len(tokens) > budget:  # the teacher's tokens are not the student's: cap in student tokens
@@ -224,15 +224,18 @@ class ScriptBackend:
 
     `scripts` maps a question (the user message of the prompt) to its segment texts; each segment
     but the last ends with a stop string (a query close), the last with the answer close. Segment k
-    is written after k stop strings in the rollout's history. Logprobs are 0 (nothing was sampled)."""
+    is written after k stop strings in the rollout's history. Logprobs are 0 (nothing was sampled).
+    The texts come from data (gold answers, passages), so only the strings in `allow` (the protocol's
+    tags) may become added tokens."""
 
-    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
+    def __init__(self, tokenizer, scripts: dict[str, list[str]], allow: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.scripts = scripts
+        self.allow = tuple(allow)
         self.parser = ChatPromptParser(tokenizer)
 
     def _emit(self, segment: str, stop: list[str], budget: int) -> Generation:
-        ids = encode(self.tokenizer, segment)
+        ids = encode_untrusted(self.tokenizer, segment, allow=self.allow)
         text = decode(self.tokenizer, ids)
         if text != segment:
             raise ConfigError("oracle: the tokenizer does not reproduce text exactly (decode(encode(x)) != x); "

@@ -4,12 +4,13 @@ A suite is a list of `Expect(gx_class_name, kwargs)` plus the frame it runs on. 
 express on raw values (a list column, tag balance in a trajectory) become *computed columns*, named
 `_<what>`, added to a copy of the frame by the builder and then checked with plain expectations:
 
-    qa          id/dataset/split/question/answers/metadata; unique id; non-empty question; answers a
-                non-empty list of non-empty strings (`_answers_ok`); split in `splits`
-    corpus      >= 1 row; id/title/text; unique id; non-empty text
+    qa          id/dataset/split/question/answers/metadata; unique id; non-blank question
+                (`_question_not_blank`); answers a non-empty list of non-blank strings (`_answers_ok`);
+                split in `splits`
+    corpus      >= 1 row; id/title/text; unique id; non-blank text (`_text_not_blank`)
     predictions id/question/prediction/golds/method/em/f1/cem/retrievals; (id, method) unique;
-                em, f1, cem in [0, 1]; retrievals >= 0; golds a non-empty list of strings
-    sft         text/answer/retrievals; non-empty answer; for every tag pair, as many opens as
+                em, f1, cem in [0, 1]; retrievals >= 0; golds a non-empty list of non-blank strings
+    sft         text/answer/retrievals; non-blank answer; for every tag pair, as many opens as
                 closes per example (`_n_open_<tag>` == `_n_close_<tag>`); every document block
                 comes after a query (`_documents_after_query`); length in [min_tokens, max_tokens]
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from searchrl.data.schema import is_blank
 
 QA_SPLITS = ("train", "eval", "dev", "validation", "test")
 
@@ -59,9 +62,21 @@ def _exist(columns: Sequence[str]) -> list[Expect]:
     return [Expect("ExpectColumnToExist", {"column": c}) for c in columns]
 
 
-def _non_empty_text(column: str) -> list[Expect]:
+def not_blank(value: Any) -> bool:
+    """A string with something visible in it (`schema.is_blank`: whitespace and invisible formatting
+    characters such as a zero-width space do not count)."""
+    return isinstance(value, str) and not is_blank(value)
+
+
+def _non_empty_text(df: pd.DataFrame, column: str) -> list[Expect]:
+    """`column` not null, and not blank (computed column `_<column>_not_blank`; nulls are left to the
+    null check, so each bad row is reported once)."""
+    def ok(v: Any) -> bool:
+        return v is None or (isinstance(v, float) and v != v) or not_blank(v)
+
+    _with(df, f"_{column}_not_blank", column, ok)
     return [Expect("ExpectColumnValuesToNotBeNull", {"column": column}),
-            Expect("ExpectColumnValueLengthsToBeBetween", {"column": column, "min_value": 1})]
+            _is_true(f"_{column}_not_blank", f"{column} must not be blank (only whitespace or invisible characters)")]
 
 
 def _is_true(column: str, note: str) -> Expect:
@@ -69,10 +84,10 @@ def _is_true(column: str, note: str) -> Expect:
 
 
 def non_empty_string_list(value: Any) -> bool:
-    """A list (or tuple / numpy array, as read back from parquet) of >= 1 non-empty strings."""
+    """A list (or tuple / numpy array, as read back from parquet) of >= 1 non-blank strings."""
     if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or len(value) == 0:
         return False
-    return all(isinstance(v, str) and v != "" for v in value)
+    return all(not_blank(v) for v in value)
 
 
 def _with(df: pd.DataFrame, name: str, source: str, fn: Callable[[Any], Any]) -> None:
@@ -89,19 +104,20 @@ def qa_suite(df: pd.DataFrame, splits: Sequence[str] = QA_SPLITS) -> Suite:
         *_exist(["id", "dataset", "split", "question", "answers", "metadata"]),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "id"}),
         Expect("ExpectColumnValuesToBeUnique", {"column": "id"}),
-        *_non_empty_text("question"),
-        _is_true("_answers_ok", "answers must be a non-empty list of non-empty strings"),
+        *_non_empty_text(df, "question"),
+        _is_true("_answers_ok", "answers must be a non-empty list of non-blank strings"),
         Expect("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(splits)}),
     ])
 
 
 def corpus_suite(df: pd.DataFrame) -> Suite:
-    return Suite("corpus", df.copy(), [
+    df = df.copy()
+    return Suite("corpus", df, [
         Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}),
         *_exist(["id", "title", "text"]),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "id"}),
         Expect("ExpectColumnValuesToBeUnique", {"column": "id"}),
-        *_non_empty_text("text"),
+        *_non_empty_text(df, "text"),
     ])
 
 
@@ -116,7 +132,7 @@ def predictions_suite(df: pd.DataFrame) -> Suite:
         Expect("ExpectColumnValuesToNotBeNull", {"column": "id"}),
         Expect("ExpectCompoundColumnsToBeUnique", {"column_list": ["id", "method"]}),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "prediction"}),
-        _is_true("_golds_ok", "golds must be a non-empty list of non-empty strings"),
+        _is_true("_golds_ok", "golds must be a non-empty list of non-blank strings"),
         *scores,
         Expect("ExpectColumnValuesToNotBeNull", {"column": "retrievals"}),
         Expect("ExpectColumnValuesToBeBetween", {"column": "retrievals", "min_value": 0}),
@@ -165,7 +181,7 @@ def sft_suite(df: pd.DataFrame, tags: Mapping[str, tuple[str, str]] = PP_TAGS, q
         Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}),
         *_exist(["text", "answer", "retrievals"]),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "text"}),
-        *_non_empty_text("answer"),
+        *_non_empty_text(df, "answer"),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "retrievals"}),
         Expect("ExpectColumnValuesToBeBetween", {"column": "retrievals", "min_value": 0}),
         *checks,

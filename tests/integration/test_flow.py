@@ -34,6 +34,8 @@ def jsonl_overrides(data: Path, eval_name: str = "eval.jsonl") -> list[str]:
         f"prepare.jsonl.train=[{{path: '{train}', format: r1searcher, dataset: toy}}]",
         f"prepare.jsonl.eval=[{{path: '{evals}', format: r1searcher, dataset: toy}}]",
         f"prepare.jsonl.corpus=[{{path: '{corpus}', format: passages}}]",
+        "sample.sampler=[policy]",  # answers only: no gold evidence for the oracle sampler / rewriter
+        "rl.rewriter=policy",
         "pipeline.retries=2",
     ]
 

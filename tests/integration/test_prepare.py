@@ -23,8 +23,13 @@ from searchrl.errors import DataValidationError, InputError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The toy jsonl files below have answers only: the oracle sampler / rewriter (which need gold evidence) would
+# fail the start-up check (searchrl.config.Params._check_oracle_evidence), and prepare does not use them.
+NO_ORACLE = {"sample": {"sampler": ["policy"]}, "rl": {"rewriter": "policy"}}
+
+
 def params(overlay: dict | None = None) -> Params:
-    return validate(deep_merge(load_yaml(ROOT / "params.yaml"), overlay or {}))
+    return validate(deep_merge(deep_merge(load_yaml(ROOT / "params.yaml"), NO_ORACLE), overlay or {}))
 
 
 NO_PROBE = {"prepare": {"knowledge_world": {"probe": {"enabled": False}}}}
@@ -188,9 +193,68 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 def test_a_qa_file_listed_as_corpus_contributes_its_paragraphs(jsonl_files):
     train, evals, _ = jsonl_files
     p = params({"prepare": {"source": "jsonl", "jsonl": {
-        "train": [{"path": train}], "corpus": [{"path": evals}], "corpus_from_contexts": False}}})
+        "train": [{"path": train}], "eval": [{"path": train, "dataset": "e"}], "corpus": [{"path": evals}],
+        "corpus_from_contexts": False}}})
     data = prepare_data(p)
     assert sorted(p.title for p in data.corpus) == ["Kiss and Tell", "Shirley Temple"]
+
+
+def test_empty_eval_split_fails_prepare_at_once(tmp_path, jsonl_files):
+    """Issue 11 item 8: a jsonl source without an eval file used to pass prepare as "eval 0" and fail
+    later (evaluate) with nine misleading column errors."""
+    train, _, corpus = jsonl_files
+    p = params({"prepare": {"source": "jsonl", "jsonl": {"train": [{"path": train}], "corpus": [{"path": corpus}]}}})
+    with pytest.raises(InputError) as err:
+        prepare_data(p)
+    assert str(err.value).startswith("params.yaml, field 'prepare.jsonl.eval (no files listed)': eval split is empty")
+    assert "\n" not in str(err.value)
+    # listed, but every row skipped (MuSiQue's unanswerable questions): still empty, the file is named
+    unanswerable = write_jsonl(tmp_path / "musique.jsonl", [{"id": "m1", "question": "Q?", "answer": "a",
+                                                             "answerable": False, "paragraphs": []}])
+    p = params({"prepare": {"source": "jsonl", "jsonl": {
+        "train": [{"path": train}], "eval": [{"path": unanswerable}], "corpus": [{"path": corpus}]}}})
+    with pytest.raises(InputError, match=rf"field 'prepare.jsonl.eval \({unanswerable}\)': eval split is empty"):
+        prepare_data(p)
+
+
+def test_empty_train_split_fails_only_where_the_pipeline_trains(jsonl_files):
+    _, evals, corpus = jsonl_files
+    source = {"source": "jsonl", "jsonl": {"eval": [{"path": evals}], "corpus": [{"path": corpus}]}}
+    with pytest.raises(InputError, match=r"prepare.jsonl.train \(no files listed\)': train split is empty "
+                                         r"\(evaluate.methods sft, rl"):
+        prepare_data(params({"prepare": source}))  # params.yaml evaluates sft and rl models
+    data = prepare_data(params({"prepare": source, "evaluate": {"methods": ["direct", "agent_r1searcher"]}}))
+    assert data.train == [] and len(data.eval) == 2
+
+
+def test_sample_stage_names_an_empty_train_split(tmp_path):
+    """The first stage that reads train.parquet (prepared when no trained method was evaluated) stops
+    with one line naming it, before loading an index or a model."""
+    import tasks.sample
+    from searchrl.data.schema import qa_frame
+
+    qa_frame([]).to_parquet(tmp_path / "train.parquet", index=False)
+    p = params({"prepare": {"out_dir": str(tmp_path)}, "index": {"out_dir": str(tmp_path / "no-index")}})
+    with pytest.raises(InputError, match=rf"{tmp_path / 'train.parquet'}: train split is empty"):
+        tasks.sample.sample(p)
+
+
+def test_prepared_files_with_blank_or_non_text_values_are_named(tmp_path):
+    """The readers of prepared parquet files apply the same rules as the source readers."""
+    from searchrl.data.schema import QA_COLUMNS
+
+    row = {"id": "a", "dataset": "d", "split": "eval", "question": "Q?", "answers": ["x"], "metadata": "{}"}
+    for bad, message in (({"question": " \u200b"}, "row 2: empty question"),
+                         ({"answers": ["x", None]}, "row 2: expected a string answer, got null"),
+                         ({"answers": [" "]}, "row 2: blank answer")):
+        path = tmp_path / "qa.parquet"
+        pd.DataFrame([row, {**row, "id": "b", **bad}], columns=QA_COLUMNS).to_parquet(path, index=False)
+        with pytest.raises(InputError, match=rf"qa.parquet, field '(question|answers)': {message}"):
+            read_qa(path)
+    corpus = tmp_path / "corpus.parquet"
+    pd.DataFrame({"id": ["p"], "title": ["T"], "text": ["\ufeff\n"], "source": ["s"]}).to_parquet(corpus)
+    with pytest.raises(InputError, match=r"corpus.parquet, field 'text': row 1: empty passage text"):
+        read_corpus(corpus)
 
 
 # ----------------------------------------------------------------------------- hf source
@@ -202,9 +266,13 @@ def test_hf_source_with_local_dataset_and_corpus_file(tmp_path, monkeypatch, jso
     spec = {"name": "bamboogle", "split": "test", "path": str(tmp_path / "bamboogle")}
     with pytest.raises(InputError, match="the corpus is empty"):
         load_source(params({"prepare": {"source": "hf", "hf": {"datasets": [spec]}}}))
-    data = prepare_data(params({"prepare": {"source": "hf", "hf": {
-        "datasets": [spec], "corpus": [{"path": jsonl_files[2]}]}}}))
+    source = {"source": "hf", "hf": {"datasets": [spec], "corpus": [{"path": jsonl_files[2]}]}}
+    data = prepare_data(params({"prepare": source, "evaluate": {"methods": ["direct", "rag"]}}))
     assert [r.id for r in data.eval] == ["bamboogle-1"] and len(data.corpus) == 2
+    # evaluating trained models needs a training set: no dataset with role: train fails at once
+    with pytest.raises(InputError, match=r"field 'prepare.hf.datasets with role: train \(no datasets\)': "
+                                         r"train split is empty \(evaluate.methods sft, rl"):
+        prepare_data(params({"prepare": source}))
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -212,7 +280,7 @@ def test_hf_source_with_local_dataset_and_corpus_file(tmp_path, monkeypatch, jso
 def test_stage_cli_reports_bad_input_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"idx": 1, "question": "Q?", "answer": "a"}\n{"idx": 2, "question": "Q2?"}\n', encoding="utf-8")
-    raw = deep_merge(load_yaml(ROOT / "params.yaml"), {"prepare": {"source": "jsonl", "jsonl": {
+    raw = deep_merge(deep_merge(load_yaml(ROOT / "params.yaml"), NO_ORACLE), {"prepare": {"source": "jsonl", "jsonl": {
         "train": [{"path": str(bad)}], "corpus": [{"path": str(bad)}]}}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "SEARCHRL_ROOT": str(ROOT),
@@ -232,7 +300,9 @@ def test_hotpotqa_local_preset(shared_data, tmp_path):
         pytest.skip("the preset's paths point at ../shared/data; SEARCHRL_SHARED_DATA moved it")
     p = load_params(ROOT / "params.yaml", preset=ROOT / "configs" / "hotpotqa_local.yaml")
     data = prepare_data(p)
-    assert (len(data.train), len(data.eval)) == (512, 500)
+    # train: the 2,417 MuSiQue-Ans dev questions less 9 duplicates, each with its gold decomposition
+    assert (len(data.train), len(data.eval)) == (2408, 500)
+    assert all(r.metadata["decomposition"] for r in data.train)
     titles = {x.title for x in data.corpus}
     gold = {t for r in data.eval for t in r.metadata["gold_titles"]}
     assert len(gold) > 900 and gold <= titles  # every gold paragraph of the IRCoT set is retrievable

@@ -42,14 +42,14 @@ PASSAGES = [("p1", "Talo Vesk", "Talo Vesk is a chemist who was born in Peru."),
             ("p4", "Bantex Labs", "Bantex Labs was founded in 1987.")]
 
 
-def make_params(tmp: Path, model_dir: Path, **rl):
+def make_params(tmp: Path, model_dir: Path, sample: dict | None = None, **rl):
     (tmp / "prepared").mkdir(parents=True, exist_ok=True)
     qa_frame(RECORDS).to_parquet(tmp / "prepared" / "train.parquet")
     raw = {
         "seed": 0,
         "agent": {"max_segment_tokens": 8, "max_total_tokens": 20, "batch_size": 8, "max_retrievals": 2},
         "prepare": {"out_dir": str(tmp / "prepared")},
-        "sample": {"out_dir": str(tmp / "sft")},
+        "sample": {"out_dir": str(tmp / "sft"), **(sample or {})},
         "rl": {"init": str(model_dir), "max_steps": 3, "num_generations": 2, "prompts_per_step": 2,
                "micro_batch_size": 2, "difficulty": [], "save_steps": 1, "beta": 0.1, "lr": 1e-3,
                "out_dir": str(tmp / "models" / "rl"), "metrics_dir": str(tmp / "reports"),
@@ -105,9 +105,8 @@ def test_grpo_estimator_with_trl_reference_model(tmp_path, tiny_model_dir):
 
 
 def test_teacher_rewriter_from_the_sample_section(tmp_path, tiny_model_dir):
-    params = make_params(tmp_path, tiny_model_dir, max_steps=1, rewriter="teacher", beta=0.0)
-    teacher = params.sample.model_copy(update={"teacher_model": str(tiny_model_dir)})  # an HF dir teacher
-    params = params.model_copy(update={"sample": teacher})
+    params = make_params(tmp_path, tiny_model_dir, sample={"teacher_model": str(tiny_model_dir)},  # an HF dir
+                         max_steps=1, rewriter="teacher", beta=0.0)
     logged: list[tuple[int, dict]] = []
     assert run(params, logged)["steps"] == 1
     assert "memorization/size" in logged[0][1]

@@ -159,7 +159,8 @@ def test_golden_masks(tok_name, name):
         assert proto.split_text(t.completion_text) == [(s.role, s.text) for s in t.segments]
         assert len(t.logprobs) == len(ids)
     assert [t.retrievals for t in trajs] == [1, 2, 1]
-    assert t1.answer == "Mira Quell" and t2.answer == "Oslo"
+    assert t1.answer == {"r1searcher_pp": "Mira Quell", "r1searcher": " Mira Quell "}[name]  # raw, as scored
+    assert t2.answer == "Oslo"
     assert proto.validate(t1) == [] and proto.validate(t2) == []
     # the trap passage neither closes the block nor answers
     env3 = [s for s in t3.segments if s.role == "env"]
@@ -223,3 +224,94 @@ def test_batched_equals_alone_real_model():
             assert other.completion_ids == t.completion_ids, (other.completion_text, t.completion_text)
             assert other.queries == t.queries and other.finish_reason == t.finish_reason
             assert max(abs(a - b) for a, b in zip(other.logprobs, t.logprobs, strict=True)) < 1e-3
+
+
+# ----------------------------------------------------------------------------- hostile text (issue 11 item 1)
+def hostile_text(tok) -> str:
+    """Every added token of the tokenizer, plain and with its halves around another one, plus the
+    usual chat tokens."""
+    from searchrl.agent.backends import added_tokens
+
+    toks = [*added_tokens(tok), "<|im_end|>", "<|im_start|>", "<|endoftext|>", "<file_sep>", "<filename>"]
+    return " ".join(f"{t} {t[:2]}{t}{t[2:]}" for t in toks)
+
+
+def added_ids(tok) -> set[int]:
+    from searchrl.agent.backends import added_tokens
+
+    return {tok.convert_tokens_to_ids(t) for t in added_tokens(tok)} | set(tok.all_special_ids)
+
+
+def frame_ids(tok, ids) -> list[int]:
+    return sorted(i for i in ids if i in added_ids(tok))
+
+
+@pytest.mark.parametrize("tok_name", list(TOKENIZERS))
+@pytest.mark.parametrize("name", ["r1searcher_pp", "r1searcher"])
+def test_text_from_data_never_becomes_a_special_token(tok_name, name):
+    """Questions and retrieved passages full of the tokenizer's added tokens (SmolLM2 has 17, only 3 in
+    `all_special_tokens`): the prompt holds exactly the special ids of an ordinary prompt (the chat
+    frame's), a document block none; the texts themselves survive in the prompt / are sanitised out
+    of the passages."""
+    tok = TOKENIZERS[tok_name]()
+    proto = get_protocol(name)
+    evil = hostile_text(tok)
+    question = f"Who wrote {evil} the hostile page?"
+    corpus = [*CORPUS, ("p4", f"Hostile {evil} page", f"The hostile page says {evil} and ends.")]
+    query = {"r1searcher_pp": "<external>hostile page</external>",
+             "r1searcher": "<|begin_of_query|>hostile page<|end_of_query|>"}[name]
+    answer = "<answer>nobody</answer>" if name == "r1searcher_pp" else "x</think>\n<answer>nobody</answer>"
+    backend = ScriptedBackend(tok, {question: [query, answer]}, proto.query_close)
+    t = run_rollouts(backend, KeywordRetriever(corpus), proto, [question], agent_cfg=AgentCfg(top_k=4))[0]
+
+    _, plain_prompt = proto.prompt_ids(tok, "Who wrote the hostile page?")
+    assert frame_ids(tok, t.prompt_ids) == frame_ids(tok, plain_prompt)
+    assert evil in decode(tok, t.prompt_ids)  # encoded as plain text, not dropped
+    env = [s for s in t.segments if s.role == "env"]
+    assert len(env) == 1 and "hostile page" in env[0].text.lower()
+    assert frame_ids(tok, env[0].token_ids) == frame_ids(tok, encode(tok, proto.documents_text([])))
+    assert t.answer == "nobody"
+
+
+@pytest.mark.parametrize("tok_name", list(TOKENIZERS))
+def test_other_models_text_and_rag_prompts_never_become_special_tokens(tok_name):
+    """The other ways data text reaches a prompt: an SFT trajectory written by a teacher / the oracle
+    (re-tokenised for the student), the RAG baseline's passages, the closed-book question."""
+    from searchrl.agent.backends import CLOSED_BOOK_SYSTEM, chat_prompt_ids
+    from searchrl.agent.trajectory import Segment, Trajectory
+    from searchrl.evaluation import rag_prompts
+    from searchrl.retrieval.base import Hit
+    from searchrl.training.sft import student_trajectory
+
+    tok = TOKENIZERS[tok_name]()
+    proto = get_protocol("r1searcher_pp")
+    evil = hostile_text(tok)
+    teacher = Trajectory("q", f"Q {evil}?", proto.name, "", [], segments=[
+        Segment("model", f"I recall {evil}. <external>q</external>", [], None),
+        Segment("env", proto.documents_text([Hit("p", "T", f"x {evil}", 1.0)]), [], None),
+        Segment("model", f"<answer>{evil}</answer>", [], None)])
+    student = student_trajectory(teacher, tok, proto)
+    assert frame_ids(tok, student.completion_ids) == []
+    assert decode(tok, student.completion_ids) == "".join(s.text for s in teacher.segments)
+    assert frame_ids(tok, student.prompt_ids) == frame_ids(tok, proto.prompt_ids(tok, "Q?")[1])
+
+    plain = rag_prompts(tok, ["Q?"], [[Hit("p", "T", "x", 1.0)]])[0]
+    hostile = rag_prompts(tok, [f"Q {evil}?"], [[Hit("p", f"T {evil}", f"x {evil}", 1.0)]])[0]
+    assert frame_ids(tok, hostile) == frame_ids(tok, plain)
+    assert frame_ids(tok, chat_prompt_ids(tok, CLOSED_BOOK_SYSTEM, evil)) == \
+        frame_ids(tok, chat_prompt_ids(tok, CLOSED_BOOK_SYSTEM, "Q?"))
+
+
+@pytest.mark.parametrize("tok_name", list(TOKENIZERS))
+def test_encode_untrusted_parses_only_allowed_tags(tok_name):
+    """Our own tags stay parseable where a tokenizer has them as added tokens; the text is kept."""
+    from searchrl.agent.backends import encode_untrusted
+
+    tok = TOKENIZERS[tok_name]()
+    tag = min(added_ids(tok))
+    tag_text = tok.convert_ids_to_tokens(tag)
+    assert encode_untrusted(tok, f"a {tag_text} b", allow=(tag_text,)).count(tag) == 1
+    plain = encode_untrusted(tok, f"a {tag_text} b")
+    assert tag not in plain and decode(tok, plain) == f"a {tag_text} b"
+    evil = hostile_text(tok)
+    assert not set(encode_untrusted(tok, evil)) & added_ids(tok) and decode(tok, encode_untrusted(tok, evil)) == evil

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -250,3 +251,100 @@ def test_dvc_md5_matches_dvc_add(tmp_path, monkeypatch):
     assert ours == theirs
     assert ours["d"].endswith(".dir")
     assert dvc_md5("absent") == "missing"
+
+
+# ----------------------------------------------------------------------------- secrets, everywhere
+def test_every_string_sent_to_mlflow_is_scrubbed(project, monkeypatch):
+    """Params, tags (the flow's `overrides` tag included), run names, metric keys, texts and artifact
+    files: one scrubbing for all, covering a --set value equal to a secret and the variable that
+    sample.teacher_api_key_env names (whatever it is called)."""
+    from searchrl.tracking import log_params, log_text, set_tags
+
+    monkeypatch.setenv("TEACHER_BEARER", "bearer-0123456789")
+    params = make_params()
+    params.sample.teacher_api_key_env = "TEACHER_BEARER"
+    params.sample.teacher_served_model = SECRET  # `--set sample.teacher_served_model=<the secret>`
+    Path("report.json").write_text(json.dumps({"endpoint": f"https://u:pw0rd@api.example/v1?token={SECRET}",
+                                               "auth": "bearer-0123456789"}))
+    with stage_run("sample", params, run_name=f"sample {SECRET}") as run:
+        set_tags({"overrides": f"sample.teacher_served_model={SECRET} evaluate.top_k=3"})
+        log_params({"extra": "bearer-0123456789"})
+        log_metrics({f"m_{SECRET}": 1.0})
+        log_text(f"table with {SECRET}\n", "evaluation.md")
+        log_artifact("report.json")
+    c = client(project)
+    r = c.get_run(run.info.run_id)
+    assert r.data.tags["overrides"] == "sample.teacher_served_model=*** evaluate.top_k=3"
+    assert r.data.params["sample.teacher_served_model"] == "***"
+    assert r.info.run_name == "sample ***"
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(project / "dl")))
+    stored = json.dumps([r.data.params, r.data.tags, r.info.run_name, list(r.data.metrics)])
+    stored += "".join(p.read_text() for p in local.rglob("*") if p.is_file())
+    for secret in (SECRET, "bearer-0123456789", "pw0rd"):
+        assert secret not in stored
+    assert "https://***@api.example/v1?token=***" in stored
+    assert SECRET in Path("report.json").read_text()  # the local file is untouched
+
+
+# ----------------------------------------------------------------------------- a server that is down
+def test_a_tracking_server_that_is_down_fails_fast_naming_it(project, monkeypatch):
+    from tests.integration.test_deployment import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = ("from searchrl.config import Params; from searchrl.tracking import stage_run\n"
+            "with stage_run('index', Params()): pass\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30  # a health check of a few seconds, not MLflow's ~250 s of retries
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("searchrl.errors.TrackingError: MLflow tracking server " + uri + " is not reachable")
+
+
+# ----------------------------------------------------------------------------- killed runs
+KILLED_STAGE = """
+import os, signal, sys
+from searchrl.config import Params
+from searchrl.tracking import log_metrics, stage_run
+p = Params(); p.tracking.experiment = "test-exp"; p.sft.lr = float(sys.argv[1])
+with stage_run("sft", p) as run:
+    print(run.info.run_id, flush=True)
+    for step in (1, 2, 3):
+        log_metrics({"loss": 1.0 / step}, step=step)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()  # "live": stays RUNNING until the test closes stdin
+"""
+
+
+def start_stage(lr: float, mode: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(lr), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_killed_stage_is_resumed_in_one_run_and_other_orphans_are_closed(project):
+    killed, killed_id = start_stage(2e-5, "die")            # the run the rerun continues
+    other, other_id = start_stage(9e-5, "die")               # an orphan with other params
+    live, live_id = start_stage(7e-5, "live")                # a run of a process still running
+    assert killed.wait(60) == -9 and other.wait(60) == -9
+    c = client(project)
+    assert c.get_run(killed_id).info.status == "RUNNING"  # what a kill leaves
+
+    params = make_params()
+    params.sft.lr = 2e-5
+    with stage_run("sft", params) as run:
+        for step in (1, 2, 3, 4, 5):  # a trainer replaying its checkpointed history, then going on
+            log_metrics({"loss": 1.0 / step}, step=step)
+    try:
+        assert run.info.run_id == killed_id
+        r = c.get_run(killed_id)
+        assert r.info.status == "FINISHED" and r.data.tags["searchrl.pid"] == str(os.getpid())
+        assert [(m.step, m.value) for m in c.get_metric_history(killed_id, "loss")] == [
+            (s, 1.0 / s) for s in (1, 2, 3, 4, 5)]  # one history, no step twice
+        assert c.get_run(other_id).info.status == "KILLED"
+        assert c.get_run(live_id).info.status == "RUNNING"  # its process still runs: not an orphan
+    finally:
+        live.communicate("", timeout=60)
+    assert c.get_run(live_id).info.status == "FINISHED"

@@ -6,9 +6,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from searchrl.training.advantages import (
+    flat_groups,
     group_baseline,
+    group_normalized,
     last_token_index,
     masked_whiten,
     reinforce_pp_baseline,
@@ -71,3 +75,79 @@ def test_helpers():
 def test_beta_needs_logprobs():
     with pytest.raises(ValueError, match="old_logps"):
         reinforce_pp_baseline(torch.zeros(2), torch.ones(2, 2), 2, beta=0.1)
+
+
+# ----------------------------------------------------------------------------- no variance -> no signal
+def test_issue_case_constant_groups_at_step_one_give_exactly_zero():
+    # 2 questions x 8 rollouts; group rewards all 2/3, then all 0.4 (a stage-2 F1 reward); KL exactly 0.
+    # The old float32 group mean left ~1e-8 residues that whitening turned into advantages of +-1.
+    rewards = torch.tensor([2 / 3] * 8 + [0.4] * 8, dtype=torch.float32)
+    mask = torch.ones(16, 5)
+    logps = torch.randn(16, 5)
+    adv, kl = reinforce_pp_baseline(rewards, mask, 8, logps, logps.clone(), beta=1e-4)
+    assert kl == 0.0
+    assert adv.abs().max().item() == 0.0
+    assert group_normalized(rewards, 8).abs().max().item() == 0.0
+
+
+REWARD_VALUES = [2 / 3, 0.4, 1 / 3, 0.1 + 0.2, 0.3, -2.0, -2.0 + 2 / 3, 1.0, 0.0, 0.7, 1.0 + 2.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(group_size=st.integers(1, 16), n_groups=st.integers(1, 64),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       values=st.lists(st.sampled_from(REWARD_VALUES), min_size=64, max_size=64),
+       width=st.integers(1, 9), data=st.data())
+def test_no_variance_maps_to_exactly_no_signal(group_size, n_groups, dtype, values, width, data):
+    # every group constant (each its own value, as the dtype rounds it), random masks and lengths
+    rewards = torch.tensor([values[g] for g in range(n_groups) for _ in range(group_size)], dtype=dtype)
+    mask = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 1), min_size=width, max_size=width),
+                                           min_size=n_groups * group_size, max_size=n_groups * group_size)))
+    logps = torch.randn(mask.shape)
+    assert flat_groups(rewards, group_size).all()
+    assert group_baseline(rewards, group_size).abs().max().item() == 0.0
+    assert group_normalized(rewards, group_size).abs().max().item() == 0.0
+    adv, kl = reinforce_pp_baseline(rewards, mask, group_size, logps, logps.clone(), beta=1e-4)
+    assert kl == 0.0 and adv.abs().max().item() == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(group_size=st.integers(2, 16), n_groups=st.integers(2, 64),
+       flat=st.lists(st.booleans(), min_size=64, max_size=64),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       data=st.data())
+def test_flat_groups_get_zero_and_the_others_keep_their_signal(group_size, n_groups, flat, dtype, data):
+    rows = []
+    for g in range(n_groups):
+        if flat[g]:
+            rows += [data.draw(st.sampled_from(REWARD_VALUES))] * group_size
+        else:  # at least two distinct values, 0.25 apart or more
+            base = data.draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, -2.0]), min_size=group_size,
+                                      max_size=group_size).filter(lambda v: len(set(v)) > 1))
+            rows += base
+    rewards = torch.tensor(rows, dtype=dtype)
+    is_flat = flat_groups(rewards, group_size)
+    assert is_flat.tolist() == flat[:n_groups]
+    centred = group_baseline(rewards, group_size).view(n_groups, group_size)
+    normed = group_normalized(rewards, group_size).view(n_groups, group_size)
+    assert centred[is_flat].abs().max().item() == 0.0 if is_flat.any() else True
+    assert normed[is_flat].abs().max().item() == 0.0 if is_flat.any() else True
+    if (~is_flat).any():
+        assert centred[~is_flat].abs().amax(dim=1).min().item() >= 0.1
+        # sums to zero within each group (exactly what the group mean subtracts)
+        assert centred.sum(dim=1).abs().max().item() < 1e-9
+
+
+def test_grpo_normalisation_matches_trl_formula_when_there_is_variance():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, -2.0, 0.5, 0.5, 0.5])
+    g = rewards.view(2, 4)
+    expected = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+    assert group_normalized(rewards, 4).tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_whitening_of_pure_float_noise_is_zero_but_real_signal_survives():
+    mask = torch.ones(4, 3)
+    noise = torch.tensor([[1e-9, -1e-9, 0.0], [2e-9, 0.0, 0.0], [0.0, -3e-9, 0.0], [0.0, 0.0, 1e-9]])
+    assert masked_whiten(noise, mask).abs().max().item() == 0.0
+    small_but_real = noise * 1e5  # 1e-4: a KL penalty of beta=1e-4 is this small
+    assert masked_whiten(small_but_real, mask).abs().max().item() > 0.5

@@ -1,9 +1,15 @@
-"""Evaluation of agent methods: the format-valid rate next to the answer metrics."""
+"""Evaluation of agent methods: the format-valid rate next to the answer metrics, and scoring exactly
+what R1-Searcher scores."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from searchrl import evaluation
 from searchrl.agent.fakes import KeywordRetriever, ScriptedBackend
+from searchrl.agent.protocols import get_protocol
 from searchrl.config import AgentCfg
 from searchrl.data.schema import QARecord
 from searchrl.models import load_tokenizer
@@ -28,3 +34,42 @@ def test_agent_predictions_carry_format_validity():
     assert metrics["sft"]["format_valid"] == 50.0 and "format_valid" not in metrics["direct"]
     table = evaluation.markdown_table({"kw": metrics})
     assert "format_valid" in table.splitlines()[0] and "| kw | sft | 2 | " in table
+
+
+def test_agent_answers_are_scored_raw_like_the_reference():
+    """Issue 11 item 5: " False " is not the exact string "False", so it is not mapped to "no" (the
+    old code stripped the answer first and scored EM 1 against the gold "no")."""
+    tok = load_tokenizer("smollm2-135m-instruct")
+    question = "Is Zorvath older than Quell?"
+    backend = ScriptedBackend(tok, {question: ["Both are old.</think>\n<answer> False </answer>"]}, "<|end_of_query|>")
+    record = QARecord("z", "kw", "eval", question, ["no"])
+    pred = evaluation.predict_agent(backend, KeywordRetriever([("p", "T", "x")]), [record], "r1searcher",
+                                    AgentCfg(), "agent_r1searcher")[0]
+    assert pred.prediction == " False "
+    assert pred.scores == {"em": 0.0, "f1": 0.0, "cem": 0.0}
+    exact = evaluation.make_prediction(record, "m", "False")  # the exact string still maps to "no"
+    assert exact.scores["em"] == 1.0
+
+
+# METHOD.md B.8: R1-Searcher's released predictions rescored with its metric_calc_rule.py
+RELEASED = {"hotpotqa_qwen": {"em": 58.0, "cem": 65.4, "f1": 71.9},
+            "bamboogle_qwen": {"em": 45.6, "cem": 52.8, "f1": 57.7}}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_r1searcher_predictions_score_as_published(shared_data, name):
+    proto = get_protocol("r1searcher")
+    rows = [json.loads(line) for line in
+            (shared_data / "r1searcher_predictions" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+    preds = []
+    for i, r in enumerate(rows):
+        # our extraction of the released text gives the released pred_ans exactly, spaces included
+        if f"<answer>{r['pred_ans']}</answer>" in r["gen_text_store"]:
+            assert proto.extract_answer(r["gen_text_store"]) == r["pred_ans"]
+        answer = proto.extract_answer(f"</think>\n<answer>{r['pred_ans']}</answer>")
+        preds.append(evaluation.make_prediction(QARecord(str(i), name, "eval", r["question"], [r["answer"]]),
+                                                "released", answer))
+    metrics = evaluation.summarize(preds)[name]["released"]
+    assert metrics["n"] == len(rows)
+    assert {k: round(metrics[k], 1) for k in RELEASED[name]} == RELEASED[name]

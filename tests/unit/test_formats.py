@@ -184,6 +184,57 @@ def test_missing_or_empty_fields_name_file_line_and_field(tmp_path, row, field, 
     assert f"qa.jsonl, line 2, field '{field}'" in str(err.value)
 
 
+@pytest.mark.parametrize("row,field,message", [
+    ({"idx": 1, "question": "q?", "answer": float("nan")}, "answer", "answer is nan"),  # JSON NaN
+    ({"idx": 1, "question": "q?", "answer": float("inf")}, "answer", "answer is inf"),
+    ({"idx": 1, "question": "q?", "answer": ["ok", float("nan")]}, "answer", "answer is nan"),
+    ({"idx": 1, "question": "\u200b \ufeff\u2060", "answer": "a"}, "question", "empty question"),
+    ({"idx": 1, "question": "q?", "answer": "\u200b"}, "answer", "empty answer"),
+    ({"idx": 1, "question": "q?", "answer": ["\u200b", " "]}, "answer", "empty answer list"),
+])
+def test_blank_looking_values_are_errors(tmp_path, row, field, message):
+    """Issue 11 item 7: a JSON NaN answer used to become the gold answer "nan", a zero-width
+    question or answer passed as text."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"idx": 0, "question": "ok?", "answer": "ok"}) + "\n" + json.dumps(row) + "\n",
+                    encoding="utf-8")
+    if row["answer"] != row["answer"] or row["answer"] == float("inf"):
+        assert "NaN" in path.read_text() or "Infinity" in path.read_text()  # JSON's NaN, as json.loads reads it
+    with pytest.raises(InputError, match=message) as err:
+        formats.read_qa_file(path, "r1searcher")
+    assert (err.value.row, err.value.field, err.value.path) == (2, field, str(path))
+
+
+def test_invisible_characters_around_values_are_trimmed(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"id": "1", "question": "\ufeffWho? \u200b",
+                                                "golden_answers": ["\u200bParis\u200b", 1812, 2.5, True]}])
+    r = formats.read_qa_file(path).records[0]
+    assert (r.question, r.answers) == ("Who?", ["Paris", "1812", "2.5", "yes"])
+    blank = write_jsonl(tmp_path / "p.jsonl", [{"title": "A", "text": "x"}, {"title": "B", "text": "\u200b\u00ad "}])
+    with pytest.raises(InputError, match=r"line 2, field 'text': empty passage text"):
+        formats.read_passage_file(blank)
+    hotpot = {**HOTPOT_ORIGINAL, "context": [["Ed Wood", ["\u200b", " "]], ["Scott Derrickson", ["Text."]]]}
+    qf = formats.read_qa_file(write_json(tmp_path / "h.json", [hotpot]), "hotpotqa")
+    assert [(p.title, p.text) for p in qf.contexts] == [("Scott Derrickson", "Text.")]
+
+
+def test_flashrag_contents_without_a_title_line(tmp_path):
+    """Issue 11 item 2: FlashRAG's `contents` is '"Title"\\ntext'; a row without a newline used to
+    become a passage whose title was the whole text (shown twice to the agent)."""
+    words = " ".join(f"w{i}" for i in range(427))
+    path = write_jsonl(tmp_path / "flashrag.jsonl", [
+        {"id": "1", "contents": words},
+        {"id": "2", "contents": '"Oslo"\nOslo is the capital.\nIt is in Norway.'},
+        {"id": "3", "contents": "Bergen\nBergen is a city."},
+        {"id": "4", "title": "Given", "contents": "no newline here"},
+    ])
+    a, b, c, d = formats.read_passage_file(path).passages
+    assert (a.title, a.text) == ("", words)
+    assert (b.title, b.text) == ("Oslo", "Oslo is the capital.\nIt is in Norway.")
+    assert (c.title, c.text) == ("Bergen", "Bergen is a city.")
+    assert (d.title, d.text) == ("Given", "no newline here")
+
+
 def test_empty_answer_lists_in_other_formats(tmp_path):
     with pytest.raises(InputError, match="line 1, field 'golden_answers': empty answer list"):
         formats.read_qa_file(write_jsonl(tmp_path / "f.jsonl", [{"id": "1", "question": "q?", "golden_answers": []}]))

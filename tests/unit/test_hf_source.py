@@ -114,3 +114,16 @@ def test_unloadable_path_is_an_input_error(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match=r"nothing-here\[validation\]: cannot load with datasets"):
         read_hf_dataset(HfDatasetSpec(name="hotpotqa", path=str(empty)))
+
+
+def test_nan_answers_and_blank_questions_name_the_split_row_and_field(tmp_path):
+    """Issue 11 item 7 through the hf reader: a float column's NaN is not the gold answer "nan", a
+    zero-width question is empty."""
+    rows = [{"Question": "Who?", "Answer": 1.5}, {"Question": "When?", "Answer": float("nan")}]
+    path = save_dict(tmp_path / "bamboogle", {"test": rows})
+    with pytest.raises(InputError, match=r"\[test\], line 2, field 'Answer': answer is nan"):
+        read_hf_dataset(HfDatasetSpec(name="bamboogle", path=path, split="test"))
+    rows = [{"Question": "Who?", "Answer": "A"}, {"Question": "\u200b\u00a0", "Answer": "B"}]
+    path = save_dict(tmp_path / "bamboogle2", {"test": rows})
+    with pytest.raises(InputError, match=r"\[test\], line 2, field 'Question': empty question"):
+        read_hf_dataset(HfDatasetSpec(name="bamboogle", path=path, split="test"))

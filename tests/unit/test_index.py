@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from searchrl.config import IndexCfg
+from searchrl.config import IndexCfg, validate
 from searchrl.data.schema import Passage
 from searchrl.errors import ConfigError, IndexCorruptedError, InputError, ModelNotFoundError
 from searchrl.retrieval import index as ix
@@ -149,8 +149,33 @@ def test_bm25_returns_the_matching_passage_first(tmp_path):
     r = load_index(tmp_path / "bm25")
     results = r.search(["Alexander Fleming antibiotic", "Guido van Rossum language", "zzzz qqqq"], k=3)
     assert [hits[0].id for hits in results[:2]] == ["p09", "p03"]
-    assert all(len(hits) == 3 for hits in results)
     assert r.manifest["kind"] == "bm25" and r.manifest["bm25"]["k1"] == 1.5
+
+
+def test_bm25_returns_only_matching_passages(tmp_path):
+    """Issue 11 item 3: a query with no corpus term, or only stopwords, used to get k passages scored
+    0.0 (the same list for every such query), so the protocol's no-results block never appeared."""
+    from searchrl.agent.protocols import get_protocol
+
+    build_index(passages(), cfg(kind="bm25"), tmp_path / "bm25", progress=False)
+    r = load_index(tmp_path / "bm25")
+    fleming, nothing, stopwords, empty = r.search(["Fleming", "zzzz qqqq", "the of and is", ""], k=5)
+    assert [h.id for h in fleming] == ["p09"] and fleming[0].score > 0  # one passage has the term: one hit
+    assert nothing == [] and stopwords == [] and empty == []
+    assert all(h.score > 0 for hits in r.search(["the Great Wall of China"], k=24) for h in hits)
+    assert "(no results)" in get_protocol("r1searcher_pp").documents_text(nothing)
+    # retrieval-cache entries of the old behaviour (zero scores included) are keyed by the old hash
+    from searchrl.io import stable_hash
+
+    assert r.manifest_hash != stable_hash({k: r.manifest[k] for k in ix.IDENTITY if k in r.manifest})
+
+
+def test_padding_ids_are_never_hits(tmp_path):
+    """faiss pads with id -1 when it finds fewer than k vectors (IVF with few probed lists): dropped."""
+    build_index(passages(), cfg(kind="bm25"), tmp_path / "bm25", progress=False)
+    store = load_index(tmp_path / "bm25").store
+    hits = store.hits(np.array([[3, -1, -1], [-1, -1, -1]]), np.array([[0.9, -3.4e38, -3.4e38], [0.0, 0.0, 0.0]]))
+    assert [[h.id for h in row] for row in hits] == [["p03"], []]
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -264,8 +289,9 @@ def test_missing_encoder_path_raises_model_not_found(tmp_path):
 
 @pytest.mark.slow
 def test_bad_factory_and_untrainable_factory_are_config_errors(encoder, tmp_path):
-    with pytest.raises(ConfigError, match="index.factory 'IVF9,Bogus'"):
-        build_index(passages(), cfg(factory="IVF9,Bogus"), tmp_path / "a", encoder=encoder, progress=False)
+    # a factory faiss cannot parse fails when params are loaded, before any stage runs
+    with pytest.raises(ConfigError, match=r"index.factory: faiss cannot build 'IVF9,Bogus'"):
+        validate({"index": {"factory": "IVF9,Bogus"}})
     with pytest.raises(ConfigError, match="cannot be trained on 24 vectors"):
         build_index(passages(), cfg(factory="IVF256,PQ16"), tmp_path / "b", encoder=encoder, progress=False)
 

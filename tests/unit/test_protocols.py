@@ -103,7 +103,28 @@ def test_chunk_that_starts_with_its_title_shows_the_title_once():
 def test_passages_truncated_to_max_words():
     p = R1SearcherPP(max_passage_words=5)
     block = p.documents_text([Hit("1", "T", " ".join(f"w{i}" for i in range(50)), 1.0)])
-    assert "w4 ..." in block and "w5" not in block
+    assert "(1) T: w0 w1 w2 w3 ...\n" in block  # the title's word counts against the cap
+
+
+def _shown_words(line: str) -> int:
+    """Words of a rendered passage line, without its frame ("(1)", "Title:", "Text:", "...")."""
+    return len([w for w in line.split() if w not in ("Title:", "Text:", "...") and not w.startswith("(")])
+
+
+@pytest.mark.parametrize("proto_cls", [R1SearcherPP, R1Searcher], ids=["pp", "r1"])
+def test_the_word_cap_bounds_title_and_text_together(proto_cls):
+    """Issue 11 item 2: a row whose title is its whole text (an old FlashRAG read) used to be shown
+    twice, 427 words against a 120-word cap."""
+    p = proto_cls(max_passage_words=120)
+    text = " ".join(f"w{i}" for i in range(427))
+    for hit in (Hit("1", text, text, 1.0),  # title == text
+                Hit("2", " ".join(f"t{i}" for i in range(200)), text, 1.0),  # a title longer than the cap
+                Hit("3", "Alpha Beta Gamma", text, 1.0)):
+        line = next(ln for ln in p.documents_text([hit]).split("\n") if ln.startswith("(1)"))
+        assert _shown_words(line) <= 120, line[:200]
+        assert line.count("w0 ") == 1
+    line = p.documents_text([Hit("3", "Alpha Beta Gamma", text, 1.0)])
+    assert "Alpha Beta Gamma" in line and "w116 ..." in line and "w117" not in line
 
 
 def test_stops_and_prompts():
@@ -136,7 +157,9 @@ def test_parse_segment():
 
 
 def test_extract_answer():
-    assert PP.extract_answer("x <answer> Paris </answer>") == "Paris"
+    # raw, surrounding spaces kept: R1-Searcher's pred_ans (METHOD.md B.8); " False " is not "False"
+    assert PP.extract_answer("x <answer> Paris </answer>") == " Paris "
+    assert R1.extract_answer("ok</think>\n<answer> False </answer>") == " False "
     assert PP.extract_answer("<answer>a</answer> <answer>b</answer>") == "b"
     assert PP.extract_answer("<answer>unfinished") is None
     assert PP.extract_answer("no tags") is None
@@ -228,3 +251,51 @@ def test_r1_cjk_and_assistant_inside_documents_are_fine():
     parts = [R1_GOOD[0], ("env", R1_GOOD[1][1].replace("founded by Mira.", "founded by Mira (北京), an assistant.")),
              R1_GOOD[2]]
     assert R1.validate(_traj(R1, parts)) == []
+
+
+# ----------------------------------------------------------------------------- query cleaning per protocol
+def _reference_eval_cleaning(q: str) -> str:
+    """R1-Searcher's evaluation (`eval_search_loacl.py`, METHOD.md B.8), restated."""
+    return q.replace('"', "").replace("'", "").replace("\t", " ").replace("...", "").strip()
+
+
+def test_r1searcher_queries_are_cleaned_as_its_evaluation_code():
+    raw = ' Ravi Shankar\'s "Shah" ...\tsitar '
+    a = R1.parse_segment(f"x<|begin_of_query|>{raw}<|end_of_query|>", "<|end_of_query|>")
+    assert a.query == _reference_eval_cleaning(raw) == "Ravi Shankars Shah  sitar"  # deleted, not a space
+    # R1-Searcher++ keeps our whitespace-collapsing cleaning (its code is not public)
+    a = PP.parse_segment(f"<external>{raw}</external>", "</external>")
+    assert a.query == "Ravi Shankar s Shah sitar"
+    # R1-Searcher's training rollouts (B.6): only double quotes deleted, whitespace collapsed
+    train = get_protocol("r1searcher", query_cleaning="r1searcher_train")
+    assert train.parse_segment(f"<|begin_of_query|>{raw}<|end_of_query|>", "<|end_of_query|>").query == \
+        "Ravi Shankar's Shah ... sitar"
+    assert clean_query("a'b", style="r1searcher_eval") == "ab"
+    with pytest.raises(ValueError, match="query cleaning 'x'"):
+        get_protocol("r1searcher", query_cleaning="x")
+
+
+def released_queries(shared_data) -> list[str]:
+    """The raw query text of every <|begin_of_query|> ... <|end_of_query|> in R1-Searcher's released
+    evaluation trajectories (`gen_text_store`)."""
+    import json
+    import re
+
+    out = []
+    for path in sorted((shared_data / "r1searcher_predictions").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = json.loads(line)["gen_text_store"]
+            out.extend(re.findall(r"<\|begin_of_query\|>(.*?)<\|end_of_query\|>", text, flags=re.S))
+    return out
+
+
+@pytest.mark.shared_data
+def test_r1searcher_cleaning_on_released_queries(shared_data):
+    queries = released_queries(shared_data)
+    assert len(queries) > 1000
+    proto = R1Searcher(max_query_chars=10_000)
+    ours = [proto.parse_segment(f"<|begin_of_query|>{q}<|end_of_query|>", "<|end_of_query|>").query
+            for q in queries]
+    assert ours == [_reference_eval_cleaning(q) for q in queries]
+    # the old cleaning (quotes to spaces) sent some of them differently: this test would have failed
+    assert sum(o != clean_query(q, 10_000, "collapse") for o, q in zip(ours, queries, strict=True)) > 0

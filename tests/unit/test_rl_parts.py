@@ -90,30 +90,6 @@ def test_run_names_follow_the_reward_configuration():
     assert RL.config_hash(p, p.rl_config(None)) != RL.config_hash(p, p.rl_config("no_group_reward"))
 
 
-def test_vllm_server_backend_cuts_budgets_and_finds_the_stop(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    texts = ["<external>capital of Peru</external> and more", "<answer>Lima</answer>", "plain text going on"]
-
-    class FakeClient:
-        def generate(self, prompts, n, temperature, top_p, max_tokens, logprobs, generation_kwargs):
-            self.kwargs = dict(max_tokens=max_tokens, **generation_kwargs)
-            enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-            ids = [enc(texts[0].split(" and")[0]),  # vLLM stopped at the stop string
-                   enc(texts[1]) + [eos], enc(texts[2])]
-            return {"completion_ids": ids, "logprobs": [[[-0.1]] * len(i) for i in ids]}
-
-    client = FakeClient()
-    backend = RL.VLLMServerBackend(client, tok)
-    gens = backend.generate([[1, 2], [3], [4]], max_new_tokens=[50, 50, 2], stop=["</external>", "</answer>"],
-                            temperature=1.0, seed=3)
-    assert client.kwargs["max_tokens"] == 50 and client.kwargs["include_stop_str_in_output"] is True
-    assert (gens[0].finish, gens[0].stop) == ("stop", "</external>")
-    assert gens[0].text == "<external>capital of Peru</external>"
-    assert (gens[1].finish, gens[1].text) == ("eos", "<answer>Lima</answer>") and gens[1].token_ids[-1] == eos
-    assert gens[2].finish == "length" and len(gens[2].token_ids) == 2 and gens[2].logprobs == [-0.1, -0.1]
-
-
 def test_evaluate_finds_each_trained_model_and_its_protocol():
     from tasks.evaluate import is_trained, trained_model
 

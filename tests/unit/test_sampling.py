@@ -1,5 +1,6 @@
 """Rejection sampling: the filters on good and bad trajectories, the oracle on a tiny Knowledge World
-with a real (BM25) index, selection, difficulty labels, and the HTTP teacher against a local server."""
+with a real (BM25) index, the evidence oracle on real HotpotQA / MuSiQue rows, the start-up check of
+the oracle's data, selection, difficulty labels, and the HTTP teacher against a local server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from searchrl.agent.backends import added_tokens
 from searchrl.agent.engine import run_rollouts
 from searchrl.agent.fakes import KeywordRetriever, ScriptedBackend
 from searchrl.agent.protocols import get_protocol
@@ -53,7 +55,7 @@ GOOD = ["<external>Zorblat Holdings founded</external>",
 
 def judge_one(traj, retriever, tok):
     return sampling.judge([traj], GOLDS, PP, retriever, AGENT.top_k, "policy", 10,
-                          sampling.special_tokens(tok))[0]
+                          added_tokens(tok))[0]
 
 
 # ----------------------------------------------------------------------------- filters
@@ -173,7 +175,7 @@ def test_oracle_trajectories_have_real_document_blocks(tok, tiny_world):
         # each block is exactly what the index returns for the query, and holds the hop's gold passage
         for block, query, ids, hop in zip(blocks, c.traj.queries, c.traj.retrieved_ids, external, strict=True):
             hits = index.search([query], AGENT.top_k)[0]
-            assert block == PP.documents_text(hits, sampling.special_tokens(tok))
+            assert block == PP.documents_text(hits, added_tokens(tok))
             assert ids == [h.id for h in hits] and hop["passage_id"] in ids
     mix = res.stats["mix"]
     assert mix["external_only"] > 0 and mix["mixed"] + mix["internal_only"] > 0
@@ -186,6 +188,164 @@ def test_oracle_needs_hop_chains(tok, retriever):
     rec = QARecord("x", "hotpotqa", "train", "Who?", ["Bob"], {})
     with pytest.raises(ConfigError, match="hop chain"):
         sampling.oracle_segments(rec, PP)
+
+
+# ----------------------------------------------------------------------------- evidence oracle (real rows)
+REAL_AGENT = AgentCfg(max_total_tokens=1024, max_segment_tokens=160, top_k=3, max_passage_words=60)
+
+
+@pytest.fixture
+def real_rows(shared_data, tmp_path):
+    """12 IRCoT HotpotQA and 24 MuSiQue-Ans dev rows, with a BM25 index over the IRCoT rows' paragraphs
+    and the 3,372 MuSiQue context paragraphs (where part of the MuSiQue gold paragraphs are)."""
+    from searchrl.data import formats
+    from searchrl.retrieval.index import build_index, load_index
+
+    ircot = formats.read_qa_file(shared_data / "qa/hotpotqa/dev_ircot500_with_contexts.jsonl", "ircot", "hotpotqa",
+                                 "train", limit=12)
+    musique = formats.read_qa_file(shared_data / "qa/musique/dev_ans_questions.json", "musique", "musique", "train",
+                                   limit=24)
+    corpus = formats.read_passage_file(shared_data / "corpus/wiki_paragraphs_musique.jsonl").passages
+    passages = list({p.id: p for p in [*ircot.contexts, *corpus]}.values())
+    build_index(passages, IndexCfg(kind="bm25"), tmp_path / "index")
+    return ircot.records, musique.records, load_index(tmp_path / "index")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("protocol", ["r1searcher_pp", "r1searcher"])
+def test_evidence_oracle_writes_grounded_trajectories_on_real_rows(tok, real_rows, protocol):
+    """The oracle on HotpotQA / MuSiQue (no hop chains: the old oracle raised "has no hop chain"): one
+    query per gold paragraph, the real documents, a restated sentence of the gold passage, the answer."""
+    from searchrl.training.evidence import evidence_steps, split_sentences, title_matches, visible_text
+
+    ircot, musique, index = real_rows
+    proto = get_protocol(protocol, REAL_AGENT)
+    records = [*ircot, *musique]
+    res = sampling.run_sampling(records, ["oracle"], None, index, proto, REAL_AGENT, n_samples=1, temperature=0.0,
+                                keep_per_question=1, oracle_tokenizer=tok)
+    st = res.stats["samplers"]["oracle"]
+    assert st["candidates"] == len(records) and st["no_evidence"] == 0
+    assert st["pass_rate"]["retrieval"] == 1.0 and st["pass_rate"]["self_docs"] == 1.0
+    assert 0 < st["evidence"]["gold_retrieved"] <= st["evidence"]["gold_blocks"]
+    kept_ids = {c.traj.question_id for c in res.kept}
+    assert len(kept_ids & {r.id for r in ircot}) >= len(ircot) // 2  # gold paragraphs all in this corpus
+    assert kept_ids & {r.id for r in musique}
+    by_id = {r.id: r for r in records}
+    specials = added_tokens(tok)
+    for c in res.kept:
+        rec, t = by_id[c.traj.question_id], c.traj
+        steps = evidence_steps(rec.question, rec.answers, rec.metadata)
+        assert t.retrievals == len(steps) == len(t.queries) and t.answer == rec.answers[0]
+        model = [s.text for s in t.segments if s.role == "model"]
+        blocks = [s.text for s in t.segments if s.role == "env"]
+        for i, (step, query, block) in enumerate(zip(steps, t.queries, blocks, strict=True)):
+            hits = index.search([query], REAL_AGENT.top_k)[0]
+            assert block == proto.documents_text(hits, specials)  # the engine inserted the real documents
+            gold = [h for h in hits if title_matches(h.title, step.title)]
+            assert gold, (step.title, query)
+            restated = model[i + 1].split("\n", 1)[0]  # a sentence of the gold passage, verbatim
+            assert restated in split_sentences(visible_text(gold[0].title, gold[0].text, proto.max_passage_words,
+                                                            specials))
+        assert proto.validate(t) == [] and sampling.grounded(t, rec, proto)
+
+
+@pytest.mark.shared_data
+def test_evidence_grounded_rejects_missing_gold_and_invented_facts(tok, real_rows):
+    ircot, _, index = real_rows
+    c = next(c for c in sampling.run_sampling(ircot, ["oracle"], None, index, PP, REAL_AGENT, n_samples=1,
+                                              temperature=0.0, keep_per_question=1, oracle_tokenizer=tok).kept)
+    rec = next(r for r in ircot if r.id == c.traj.question_id)
+    assert sampling.grounded(c.traj, rec, PP)
+    # an invented restatement (not text of its block) is not grounded
+    i = next(k for k, s in enumerate(c.traj.segments) if s.role == "env") + 1
+    seg = c.traj.segments[i]
+    invented = replace(c.traj, segments=list(c.traj.segments))
+    invented.segments[i] = replace(seg, text="The answer is obvious to everyone.\n" + seg.text.split("\n", 1)[1])
+    assert not sampling.grounded(invented, rec, PP)
+    # a gold paragraph its query did not bring back is not grounded
+    other = replace(rec, metadata={**rec.metadata, "gold_titles": [*rec.metadata["gold_titles"][:-1], "Nowhere Land"]})
+    assert not sampling.grounded(c.traj, other, PP)
+    assert sampling.gold_in_blocks(c.traj, other, PP)[-1] is False
+
+
+@pytest.mark.shared_data
+def test_oracle_skips_and_counts_records_without_evidence(tok, real_rows):
+    from searchrl.data.schema import QARecord
+
+    ircot, _, index = real_rows
+    bare = QARecord("r1s-1", "r1s", "train", "Who wrote Hamlet?", ["Shakespeare"], {})
+    assert [sampling.oracle_kind(r) for r in (ircot[0], bare)] == ["evidence", None]
+    res = sampling.run_sampling([ircot[0], bare], ["oracle"], None, index, PP, REAL_AGENT, n_samples=1,
+                                temperature=0.0, keep_per_question=1, oracle_tokenizer=tok)
+    st = res.stats["samplers"]["oracle"]
+    assert st["no_evidence"] == 1 and st["candidates"] == 1
+    with pytest.raises(ConfigError, match="none of the 1 questions has gold evidence"):
+        sampling.run_sampling([bare], ["oracle"], None, index, PP, REAL_AGENT, n_samples=1, temperature=0.0,
+                              keep_per_question=1, oracle_tokenizer=tok)
+
+
+# ----------------------------------------------------------------------------- start-up checks
+def _params(overlay: dict):
+    from searchrl.config import deep_merge, load_yaml, validate
+    from tests.conftest import PROJECT_ROOT
+
+    return validate(deep_merge(load_yaml(PROJECT_ROOT / "params.yaml"), overlay))
+
+
+def _jsonl(train: list[dict], corpus: str) -> dict:
+    return {"source": "jsonl", "jsonl": {"train": train, "corpus": [{"path": corpus, "format": "passages"}]}}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("train,ok", [
+    ([{"path": "qa/r1searcher/train/stage_2.jsonl", "format": "r1searcher"}], False),
+    ([{"path": "qa/r1searcher/train/stage_2.jsonl", "format": "auto"}], False),  # sniffed
+    ([{"path": "qa/flashrag/nq_test.jsonl", "format": "flashrag"}], False),
+    ([{"path": "qa/musique/dev_ans_questions.json", "format": "musique"}], True),
+    ([{"path": "qa/hotpotqa/dev_distractor_first100.json", "format": "auto"}], True),
+    ([{"path": "qa/hotpotqa/dev_ircot500_with_contexts.jsonl", "format": "ircot"}], True),
+    ([{"path": "qa/r1searcher/train/stage_2.jsonl", "format": "r1searcher"},  # some evidence: the oracle
+      {"path": "qa/musique/dev_ans_questions.json", "format": "musique"}], True),  # fills those questions
+])
+def test_oracle_sampler_without_evidence_is_a_start_up_error(shared_data, train, ok):
+    """Decided from the params alone, at load time (the old code started and failed in the sample stage)."""
+    train = [{**t, "path": str(shared_data / t["path"])} for t in train]
+    overlay = {"prepare": _jsonl(train, str(shared_data / "corpus/wiki_paragraphs_musique.jsonl")),
+               "sample": {"sampler": ["policy", "oracle"]}, "rl": {"rewriter": "policy"}}
+    if ok:
+        assert _params(overlay).sample.sampler == ["policy", "oracle"]
+        return
+    with pytest.raises(ConfigError) as err:
+        _params(overlay)
+    msg = str(err.value)
+    assert "sample.sampler: 'oracle' needs gold evidence (Knowledge World hop chains or HotpotQA/2Wiki/MuSiQue " \
+           "supporting facts); prepare.source jsonl with format " in msg and msg.endswith("— use policy or teacher")
+    assert "\n" not in msg
+    overlay["sample"]["sampler"] = ["policy"]  # the same source with a model sampler is fine
+    assert _params(overlay).sample.sampler == ["policy"]
+
+
+@pytest.mark.shared_data
+def test_hf_source_evidence_by_dataset_name(shared_data):
+    corpus = [{"path": str(shared_data / "corpus/wiki_paragraphs_musique.jsonl"), "format": "passages"}]
+    base = {"sample": {"sampler": ["oracle"]}, "rl": {"rewriter": "policy"}}
+    with pytest.raises(ConfigError, match="prepare.source hf with dataset bamboogle has none"):
+        _params({**base, "prepare": {"source": "hf", "hf": {"datasets": [{"name": "bamboogle", "role": "train"}],
+                                                             "corpus": corpus}}})
+    for name in ("hotpotqa", "2wikimultihopqa", "musique"):
+        datasets = [{"name": name, "role": "train"}, {"name": "bamboogle"}]
+        assert _params({**base, "prepare": {"source": "hf", "hf": {"datasets": datasets, "corpus": corpus}}})
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("preset", ["configs/hotpotqa_local.yaml", "configs/smoke_real.yaml"])
+def test_real_data_presets_pass_the_start_up_checks(shared_data, preset):
+    from searchrl.config import load_params
+    from tests.conftest import PROJECT_ROOT
+
+    p = load_params(PROJECT_ROOT / "params.yaml", preset=PROJECT_ROOT / preset)
+    assert "oracle" in p.sample.sampler and p.rl.rewriter == "oracle"
+    assert all(s.format == "musique" for s in p.prepare.jsonl.train)
 
 
 def test_model_sampler_fills_only_and_labels_difficulty(tok, tiny_world):
@@ -270,7 +430,7 @@ def test_http_teacher_runs_the_agent_loop(tok, retriever, server, api, monkeypat
         assert t.segments[0].text == "<external>Zorblat Holdings founded</external>"  # stop string restored
         assert t.segments[0].token_ids == tok.encode(t.segments[0].text, add_special_tokens=False)
         assert t.logprobs == [0.0] * len(t.completion_ids)
-    cands = sampling.judge(trajs, GOLDS, PP, retriever, AGENT.top_k, "teacher", 10, sampling.special_tokens(tok))
+    cands = sampling.judge(trajs, GOLDS, PP, retriever, AGENT.top_k, "teacher", 10, added_tokens(tok))
     assert all(c.accepted for c in cands)
     reqs = _Teacher.requests
     assert len(reqs) == 4 and all(r["auth"] == f"Bearer {SECRET}" for r in reqs)

@@ -4,6 +4,7 @@ a tiny llama's training loss goes down, an interrupted run resumes exactly, LoRA
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,56 @@ def test_no_examples_is_a_clear_error(tiny_dir, smol, tmp_path):
     cfg = cfg_for(tmp_path)
     with pytest.raises(SearchRLError, match="no training examples"):
         sft.train_sft(cfg, [], load_tiny(tiny_dir), smol, cfg.out_dir, device="cpu")
+
+
+def test_resume_skips_a_checkpoint_half_written_when_the_stage_was_killed(tiny_dir, smol, tmp_path):
+    examples = examples_for(smol)
+    straight = cfg_for(tmp_path / "a")
+    sft.train_sft(straight, examples, load_tiny(tiny_dir), smol, straight.out_dir, device="cpu")
+    cfg = cfg_for(tmp_path / "b")
+    with pytest.raises(Interrupt):
+        sft.train_sft(cfg, examples, load_tiny(tiny_dir), smol, cfg.out_dir, device="cpu", callbacks=[interrupt_at(3)])
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    # killed while saving checkpoint-4: its weights are on disk, its trainer state is not (or is cut short)
+    half = ckpt_dir / "checkpoint-4"
+    half.mkdir()
+    shutil.copy(ckpt_dir / "checkpoint-2" / "model.safetensors", half / "model.safetensors")
+    (half / "trainer_state.json").write_text('{"global_step": 4, "log_hist')
+    resumed = sft.train_sft(cfg, examples, load_tiny(tiny_dir), smol, cfg.out_dir, device="cpu")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    a, b = load_tiny(straight.out_dir).state_dict(), load_tiny(cfg.out_dir).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_setting_that_fails_keeps_the_interrupted_runs_checkpoints(tiny_dir, smol, tmp_path, monkeypatch):
+    examples = examples_for(smol)
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(Interrupt):
+        sft.train_sft(cfg, examples, load_tiny(tiny_dir), smol, cfg.out_dir, device="cpu", callbacks=[interrupt_at(3)])
+    assert (Path(cfg.checkpoint_dir) / "checkpoint-2" / "trainer_state.json").is_file()
+    import trl
+
+    def broken(*args, **kwargs):
+        raise ValueError("bad setting")
+
+    monkeypatch.setattr(trl, "SFTTrainer", broken)
+    changed = cfg.model_copy(update={"lr": 1e-3})  # another run's fingerprint: its checkpoints are stale
+    with pytest.raises(ValueError, match="bad setting"):
+        sft.train_sft(changed, examples, load_tiny(tiny_dir), smol, changed.out_dir, device="cpu")
+    assert (Path(cfg.checkpoint_dir) / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_lr_scheduler_typo_fails_when_params_are_loaded():
+    from searchrl.config import validate
+    from searchrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft\.lr_scheduler.*got 'cosin'"):
+        validate({"sft": {"lr_scheduler": "cosin"}})
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+
+    from searchrl.config import LrScheduler
+
+    assert set(get_args(LrScheduler)) == {s.value for s in SchedulerType}

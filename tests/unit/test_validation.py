@@ -66,6 +66,7 @@ def fail(df, kind, tmp_path, name="t", **options) -> tuple[str, dict]:
 @pytest.mark.parametrize("value, ok", [
     (["a"], True), (["a", "b"], True), (("a",), True), (np.array(["a"]), True),
     ([], False), ([""], False), (["a", ""], False), ("abc", False), ([1], False), (None, False),
+    ([" "], False), (["\u200b\ufeff"], False), (["a", "\u00ad\t"], False), ([float("nan")], False),
     (np.array([]), False), ({"a": 1}, False), (float("nan"), False),
 ])
 def test_non_empty_string_list(value, ok):
@@ -140,8 +141,17 @@ def test_qa_null_id(tmp_path):
 
 def test_qa_empty_and_null_question(tmp_path):
     msg, _ = fail(qa_frame(question=["", "Where?", None]), "qa", tmp_path)
-    assert "expect_column_value_lengths_to_be_between on 'question' (min_value=1): 1 of 3 rows, e.g. id 'q1'" in msg
+    assert "on '_question_not_blank' (value_set=[True]): 1 of 3 rows, e.g. id 'q1'" in msg
+    assert "[question must not be blank (only whitespace or invisible characters)]" in msg
     assert "expect_column_values_to_not_be_null on 'question': 1 of 3 rows, e.g. id 'q3'" in msg
+
+
+def test_qa_blank_looking_question_and_answers(tmp_path):
+    """Issue 11 item 7: a whitespace-only (or zero-width) question passed the qa suite."""
+    msg, _ = fail(qa_frame(question=["   ", "\u200b\ufeff", "When?"],
+                           answers=[["a"], ["b"], ["\u2060 "]]), "qa", tmp_path)
+    assert "on '_question_not_blank' (value_set=[True]): 2 of 3 rows, e.g. id 'q1', 'q2'" in msg
+    assert "on '_answers_ok' (value_set=[True]): 1 of 3 rows, e.g. id 'q3'" in msg
 
 
 @pytest.mark.parametrize("bad, bad_id", [
@@ -149,11 +159,13 @@ def test_qa_empty_and_null_question(tmp_path):
     ([["a"], ["b"], [""]], "q3"),             # empty string inside
     (["a", ["b"], ["c"]], "q1"),              # a bare string is not a list
     ([["a"], [1], ["c"]], "q2"),              # non-string element
+    ([["a"], [" \u200b"], ["c"]], "q2"),      # blank-looking string
+    ([["a"], ["b"], [float("nan")]], "q3"),   # NaN
 ])
 def test_qa_bad_answers(bad, bad_id, tmp_path):
     msg, _ = fail(qa_frame(answers=bad), "qa", tmp_path)
     assert f"on '_answers_ok' (value_set=[True]): 1 of 3 rows, e.g. id '{bad_id}'" in msg
-    assert "[answers must be a non-empty list of non-empty strings]" in msg
+    assert "[answers must be a non-empty list of non-blank strings]" in msg
 
 
 def test_qa_split_not_in_set(tmp_path):
@@ -181,8 +193,10 @@ def test_qa_missing_column_is_reported_and_dependent_checks_skipped(tmp_path):
 def test_corpus_duplicate_id_and_empty_text(tmp_path):
     msg, report = fail(corpus_frame(id=["p1", "p1"], text=["x", ""]), "corpus", tmp_path, name="corpus")
     assert "expect_column_values_to_be_unique on 'id': 2 of 2 rows, e.g. id 'p1', 'p1'" in msg
-    assert "expect_column_value_lengths_to_be_between on 'text' (min_value=1): 1 of 2 rows, e.g. id 'p1'" in msg
+    assert "on '_text_not_blank' (value_set=[True]): 1 of 2 rows, e.g. id 'p1'" in msg
     assert report["n_failed"] == 2
+    msg, _ = fail(corpus_frame(text=["x", " \u200b\n"]), "corpus", tmp_path)
+    assert "on '_text_not_blank' (value_set=[True]): 1 of 2 rows, e.g. id 'p2'" in msg
 
 
 def test_corpus_without_title(tmp_path):
@@ -233,8 +247,8 @@ def test_sft_self_written_document(tmp_path):
 
 
 def test_sft_empty_answer_and_negative_retrievals(tmp_path):
-    msg, _ = fail(sft_frame(answer=["", "Paris"], retrievals=[1, -2]), "sft", tmp_path)
-    assert "expect_column_value_lengths_to_be_between on 'answer' (min_value=1): 1 of 2 rows, e.g. id 's1'" in msg
+    msg, _ = fail(sft_frame(answer=[" \u200b ", "Paris"], retrievals=[1, -2]), "sft", tmp_path)
+    assert "on '_answer_not_blank' (value_set=[True]): 1 of 2 rows, e.g. id 's1'" in msg
     assert "on 'retrievals' (min_value=0): 1 of 2 rows, e.g. id 's2'" in msg
 
 

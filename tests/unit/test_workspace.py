@@ -191,3 +191,46 @@ def test_raw_input_files_become_prepare_deps_and_an_edit_reruns_prepare(project,
     raw.write_text('{"question": "q?", "answer": "b"}\n')
     status = subprocess.run([*DVC, "status"], cwd=ws, check=True, env=env, capture_output=True, text=True)
     assert "prepare:" in status.stdout and str(raw.resolve()) in status.stdout
+
+
+MAKE = """
+import sys
+from pathlib import Path
+from searchrl.workspace import make_workspace
+print(make_workspace("configs/tiny.yaml", sys.argv[2:], root=Path(sys.argv[1])))
+"""
+
+
+def test_concurrent_runs_create_one_workspace_without_errors(project):
+    """Three processes creating the same preset workspace at once (a fresh one: DVC init included)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", MAKE, str(project)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in results]
+    assert "Traceback" not in "".join(e for _, e in results)
+    ws = (project / "runs" / "tiny").resolve()
+    assert {o.strip().splitlines()[-1] for o, _ in results} == {str(ws)}
+    assert sorted(p.name for p in ws.iterdir()) == [".dvc", ".dvcignore", "dvc.yaml", "lib", "params.yaml"]
+    assert sorted(p.name for p in ws.parent.iterdir()) == [".tiny.lock", "tiny"]  # no temp files
+    ok = subprocess.run([*DVC, "status"], cwd=ws, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_run_holding_the_workspace_makes_the_next_one_wait(project):
+    import time
+
+    from searchrl.workspace import workspace_lock
+
+    first = make_workspace("configs/tiny.yaml", [], root=project)
+    with workspace_lock(first, project):
+        # a second run with other overrides must not rewrite params.yaml under the first one's stages
+        second = subprocess.Popen([sys.executable, "-c", MAKE, str(project), "evaluate.top_k=9"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert second.poll() is None
+        assert yaml.safe_load((first / "params.yaml").read_text())["evaluate"]["top_k"] == 5
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "in use by another run; waiting" in err
+    assert yaml.safe_load((first / "params.yaml").read_text())["evaluate"]["top_k"] == 9
