@@ -7,6 +7,10 @@
 Each task shells out to `dvc repro <stage>` in the workspace (`searchrl.workspace`: the project root,
 or runs/<preset>/ for a preset or overrides), so DVC decides what is stale from dvc.lock: a second run
 with nothing changed reruns nothing and the task logs DVC's own "Stage 'x' didn't change, skipping".
+It runs DVC through `python -m searchrl.runcache`, DVC's run-cache over the cache all workspaces share:
+a stale stage whose command, dependencies and params match an earlier run in any workspace is checked
+out of the cache instead of run ("Stage 'x' is cached - skipping run"), e.g. everything upstream of rl
+in a fresh `--set rl.lr=...` workspace.
 Tasks use NO_CACHE (Prefect must not second-guess DVC) and retry `params.pipeline.retries` times,
 except after a user error (a stage exits 2 on a bad config, bad input or failed Great Expectations
 suite: retrying cannot help). A failing stage fails the flow with the stage's own error message and
@@ -118,14 +122,16 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, task_run_name="dvc-repro-{stage}", retry_condition_fn=_retry_unless_user_error)
 def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
-    """`dvc repro <stage>` in the workspace, its output streamed into the Prefect log line by line."""
+    """`dvc repro <stage>` in the workspace (with the run-cache: searchrl.runcache), its output streamed
+    into the Prefect log line by line. Returns what DVC ran and what it restored from the run-cache."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", stage]
+    cmd = [sys.executable, "-m", "searchrl.runcache", "repro", stage]
     logger.info("$ dvc repro %s   (in %s)", stage, workspace)
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     ran: list[str] = []
+    restored: list[str] = []
     # its own process group: a flow that is stopped (Ctrl-C, SIGTERM) interrupts the whole stage with it
     with subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1, errors="replace", start_new_session=True) as proc:
@@ -136,8 +142,10 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
                     continue
                 logger.info(line)
                 tail.append(line)
-                if m := RAN.match(line) or CACHED.match(line):
+                if m := RAN.match(line):
                     ran.append(m.group(1))
+                if m := CACHED.match(line):
+                    restored.append(m.group(1))
                 if ERROR_LINE.match(line):
                     errors.append(line)
         except BaseException:
@@ -149,8 +157,10 @@ def repro_stage(stage: str, workspace: str, env: dict[str, str]) -> dict:
         raise StageFailed(stage, proc.returncode,
                           f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n{detail}", user_error)
     seconds = round(time.perf_counter() - t0, 1)
-    logger.info("stage %s: %s in %.1fs", stage, "ran" if stage in ran else "up to date", seconds)
-    return {"stage": stage, "ran": ran, "up_to_date": stage not in ran, "seconds": seconds}
+    state = "ran" if stage in ran else "restored from the run-cache" if stage in restored else "up to date"
+    logger.info("stage %s: %s in %.1fs", stage, state, seconds)
+    return {"stage": stage, "ran": ran, "restored": restored, "up_to_date": stage not in ran + restored,
+            "seconds": seconds}
 
 
 def interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
@@ -292,8 +302,14 @@ def _pipeline(preset: str | None, overrides: list[str] | None, stages: list[str]
         if table:
             tracking.log_text(table + "\n", "evaluation.md")
     ran = [s for r in results.values() for s in r["ran"]]
-    logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)")
-    return {"workspace": str(workspace), "stages": selected, "ran": ran, "parent_run_id": parent_id,
+    restored = [s for r in results.values() for s in r["restored"]]
+    logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)"
+                if not restored else "nothing")
+    if restored:
+        logger.info("restored from the run-cache (same command, inputs and params as an earlier run): %s",
+                    ", ".join(restored))
+    return {"workspace": str(workspace), "stages": selected, "ran": ran, "restored": restored,
+            "parent_run_id": parent_id,
             "stage_seconds": {s: r["seconds"] for s, r in results.items()}, "evaluation": table}
 
 
@@ -331,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
 def check_before_run(preset: str | None, overrides: list[str], stages: list[str] | None,
                      server: bool = True) -> None:
     """Everything that can be known wrong before any stage work, as one SearchRLError line: the preset
-    and overrides (validated, nothing written), the model names and devices the stages load, and
-    (`server`) the MLflow tracking server."""
+    and overrides (validated, nothing written), the model names and devices the stages load, the
+    judge's API key variable, and (`server`) the MLflow tracking server."""
     from searchrl.models import check_models
 
     plan = plan_workspace(preset, overrides)
     check_models(plan.params, workdir=plan.workspace, stages=stages or None)
+    if not stages or "evaluate" in stages:
+        from searchrl.judge import check_judge
+
+        check_judge(plan.params.evaluate.judge)  # the judge's API key variable is set
     if plan.params.vllm_server.managed and (not stages or any(rl_ablation_of(s)[0] for s in stages)):
         from searchrl.agent.vllm_server import serve_command
 

@@ -10,6 +10,10 @@ flow process dies, SIGKILL included (Linux's parent-death signal).
 
 The flow then talks to it through PREFECT_API_URL (`prefect.settings.temporary_settings`). With
 PREFECT_API_URL set (a real `prefect server start`), nothing is started.
+
+`local_server()` finds a `prefect server start` on this machine for tools that need a real server
+(flows/deploy.py): the URL that command serves by default (PREFECT_SERVER_API_HOST / _PORT, i.e.
+http://127.0.0.1:4200/api), waiting while such a server process is still starting up.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from searchrl import services
 
@@ -53,3 +59,63 @@ def tied_server(timeout_s: float | None = None) -> Iterator[str | None]:
                           grace_s=10.0, interval_s=0.2):
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+
+
+def local_server_url() -> str:
+    """The API URL `prefect server start` serves with this environment's settings:
+    http://<PREFECT_SERVER_API_HOST>:<PREFECT_SERVER_API_PORT>/api (default http://127.0.0.1:4200/api);
+    a wildcard bind address (0.0.0.0, ::) is reached through 127.0.0.1."""
+    from prefect.settings import Settings
+
+    api = Settings().server.api  # read now (environment, profile), as `prefect server start` reads them
+    host = "127.0.0.1" if str(api.host) in ("0.0.0.0", "::", "") else str(api.host)
+    return f"http://{host}:{api.port}/api"
+
+
+def server_start_port(cmdline: list[str], environ: dict[str, str]) -> int | None:
+    """The port of a `prefect server start` command line (its --port, else its environment's
+    PREFECT_SERVER_API_PORT, else 4200); None for any other command."""
+    names = [Path(a).name for a in cmdline]
+    i = next((i for i, n in enumerate(names) if n == "prefect"), None)
+    if i is None or names[i + 1:i + 3] != ["server", "start"]:
+        return None
+    for j, arg in enumerate(cmdline):
+        if arg == "--port" and j + 1 < len(cmdline):
+            return int(cmdline[j + 1])
+        if arg.startswith("--port="):
+            return int(arg.split("=", 1)[1])
+    return int(environ.get("PREFECT_SERVER_API_PORT") or 4200)
+
+
+def server_starting(port: int) -> bool:
+    """True while a `prefect server start` process of this user for `port` runs on this machine."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if server_start_port(proc.info["cmdline"] or [], proc.environ()) == port:
+                return True
+        except (psutil.Error, ValueError):
+            continue
+    return False
+
+
+def local_server(wait_s: float = 180.0) -> str | None:
+    """The API URL of the local `prefect server start` (`local_server_url`) once its /health answers;
+    while a server process for that port is still starting (migrating a fresh database takes a while),
+    wait for it up to `wait_s` seconds. None when nothing answers and no such process runs."""
+    from urllib.parse import urlsplit
+
+    url = local_server_url()
+    port = urlsplit(url).port
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        if services.probe(f"{url}/health", timeout_s=2.0):
+            return url
+        if time.monotonic() > deadline or not server_starting(port):
+            return None
+        if not told:
+            print(f"waiting for the Prefect server starting at {url} ...", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(1.0)

@@ -64,10 +64,19 @@ class TrackingCfg(Section):
     registered_model: str = "searchrl-policy"
 
 
+# the tag protocols (searchrl/agent/protocols: PROTOCOLS has the same names, tests/unit/test_protocols.py checks)
+PROTOCOLS = ("r1searcher_pp", "r1searcher", "search_r1", "tool_call")
+ProtocolName = Literal["r1searcher_pp", "r1searcher", "search_r1", "tool_call"]
+
+
 class AgentCfg(Section):
     """The multi-turn search loop shared by evaluation, rejection sampling and RL."""
 
-    protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
+    protocol: ProtocolName = "r1searcher_pp"
+    # the prompt layout, for protocols that have several (searchrl/agent/protocols): "ours", or R1-Searcher's
+    # own (reference: its chat layout if the tokenizer has a chat template, else its plain-text Base layout;
+    # reference_base / reference_chat: that one). search_r1 always uses Search-R1's, the others ours.
+    prompt_style: Literal["ours", "reference", "reference_base", "reference_chat"] = "ours"
     backend: Literal["hf", "vllm", "vllm_server"] = "hf"
     max_retrievals: int = Field(8, ge=0)
     max_segment_tokens: int = Field(512, ge=1)
@@ -227,6 +236,97 @@ class IndexCfg(Section):
         return self
 
 
+# ----------------------------------------------------------------------------- retrieval
+class RetrievalServeCfg(Section):
+    """The retrieval server the flow starts for a run (`managed`): `python -m searchrl.retrieval.serve
+    --index <index.out_dir>` once, before the first stage that searches (sample, rl, rl_ablation@*,
+    evaluate) and only if one of them will run; its GET /health awaited; stopped with its process group
+    when the run ends, fails or is interrupted. Log: `<log_dir>/retrieval_server.log` in the workspace."""
+
+    managed: bool = False
+    host: str = "127.0.0.1"  # 0.0.0.0 serves other machines (the server has no authentication)
+    port: int = Field(8765, ge=1, le=65535)
+    threads: int = Field(0, ge=0)  # faiss + torch threads of the searching thread; 0 = all CPUs
+    max_batch: int = Field(64, ge=1)  # queries per coalesced index search
+    max_wait_ms: float = Field(2.0, ge=0)  # what a lone request may wait for others to batch with
+    startup_timeout_s: float = Field(1800.0, gt=0)  # a Wikipedia-scale index loads in minutes
+    stop_grace_s: float = Field(30.0, ge=0)
+    log_dir: str = "logs"
+    extra_args: list[str] = []  # appended, e.g. [--nprobe, "64"] or [--fail-rate, "0.2"]
+
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+class WebSearchCfg(Section):
+    """Online web search for the evaluate stage (`retrieval.backend: web`; searchrl/retrieval/web.py), as
+    R1-Searcher's online evaluation (METHOD.md B.8): a Serper-style search API, the first `pages` result
+    pages fetched and summarised for the query by an LLM, the summaries inserted as documents. Every
+    search, page and summary is recorded in `replay_path` (SQLite, DVC-trackable); `mode: replay` re-runs
+    from it alone, offline, bit for bit. Keys are read from the environment variables named here."""
+
+    mode: Literal["online", "replay"] = "online"
+    replay_path: str = "data/web/replay.sqlite"
+    search_url: str = "https://google.serper.dev/search"
+    search_key_env: str = "SERPER_API_KEY"
+    site: str = "en.wikipedia.org"  # appended as " site:<site>" (the reference's); "" = the whole web
+    results: int = Field(10, ge=1)  # "num" asked of the search API
+    pages: int = Field(3, ge=1)  # result pages fetched and summarised per query, in rank order
+    first_summary_only: bool = True  # the reference: the first relevant summary is the only document
+    max_page_bytes: int = Field(5_000_000, ge=1024)  # a larger page is abandoned while streaming
+    max_page_chars: int = Field(35_000, ge=100)  # page text given to the summariser (the reference's cut)
+    timeout_s: float = Field(20.0, gt=0)
+    retries: int = Field(3, ge=0)  # 429 / 5xx / network errors, exponential backoff from backoff_s
+    backoff_s: float = Field(1.0, ge=0)
+    requests_per_second: float = Field(2.0, gt=0)  # search API rate limit (all threads together)
+    concurrency: int = Field(4, ge=1)  # queries searched at once
+    user_agent: str = "searchrl-eval/0.1 (research evaluation)"
+    # an OpenAI-compatible base URL (http(s)://host/v1), or a local model (dir, hub id, embedded alias) run
+    # through our own backends
+    summarizer: str = "https://api.openai.com/v1"
+    summarizer_model: str = "gpt-4o-mini"
+    summarizer_key_env: str = "OPENAI_API_KEY"  # "" = send no key (a local server)
+    summarizer_max_tokens: int = Field(512, ge=16)
+
+    @model_validator(mode="after")
+    def _urls(self) -> WebSearchCfg:
+        if not re.match(r"^https?://\S+$", self.search_url):
+            raise ValueError(f"retrieval.web.search_url: '{self.search_url}' is not an http(s) URL")
+        if not self.summarizer:
+            raise ValueError("retrieval.web.summarizer: give an OpenAI-compatible base URL or a local model")
+        return self
+
+
+class RetrievalCfg(Section):
+    """Where the stages that search (sample, rl, evaluate) get their passages; searchrl/retrieval/
+    factory.py. `url` "" = the index at index.out_dir, loaded in process; an http(s) URL = a retrieval
+    service (`api: searchrl`, our `python -m searchrl.retrieval.serve`, whose results and cache keys are
+    the in-process ones) or a Search-R1-style server (`api: search_r1`, POST /retrieve; the cache key is
+    derived from url + a probe answer: searchrl/retrieval/http.py). Either way the SQLite retrieval cache
+    (agent.cache_path) and the retry policy (agent.retrieval_retries / retrieval_backoff_s) sit in front.
+    Not a DVC parameter, like `launcher`: where the index is served does not change what it returns.
+    This section is shared: other retrieval backends add their own keys here.
+    `backend: web` (evaluation only: the evaluate stage searches the web through `web`; sample and rl keep
+    the index, which is what the policy is trained on)."""
+
+    backend: Literal["index", "web"] = "index"
+    web: WebSearchCfg = WebSearchCfg()
+    url: str = ""
+    api: Literal["searchrl", "search_r1"] = "searchrl"
+    timeout_s: float = Field(60.0, gt=0)  # read timeout of one request (a retry follows)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    pool_size: int = Field(32, ge=1)  # pooled connections per process
+    serve: RetrievalServeCfg = RetrievalServeCfg()
+
+    @model_validator(mode="after")
+    def _url(self) -> RetrievalCfg:
+        if self.url and not re.match(r"^https?://[^\s/]+(/\S*)?$", self.url):
+            raise ValueError(f"retrieval.url: '{self.url}' is not an http(s) URL such as http://127.0.0.1:8765 "
+                             "(\"\" = the index in process)")
+        return self
+
+
 # ----------------------------------------------------------------------------- sample / sft / rl
 SAMPLERS = ("policy", "teacher", "oracle")
 
@@ -362,7 +462,7 @@ class RlCfg(Section):
     """RL for dynamic knowledge acquisition (searchrl/training/rl.py)."""
 
     init: str = "models/sft"  # model dir, embedded alias, hub id, or "policy" (= policy.model)
-    protocol: Literal["r1searcher_pp", "r1searcher"] = "r1searcher_pp"
+    protocol: ProtocolName = "r1searcher_pp"
     estimator: Literal["reinforce_pp_baseline", "grpo"] = "reinforce_pp_baseline"
     reward: RewardCfg = RewardCfg()
     phases: list[RlPhaseCfg] = []  # empty: one phase of `max_steps` steps with `reward`
@@ -432,8 +532,8 @@ class RlCfg(Section):
         for ph in (p.reward for p in self.run_phases()):
             if (ph.kind == "r1searcher_pp") != (self.protocol == "r1searcher_pp"):
                 raise ValueError(f"rl.reward.kind '{ph.kind}' does not fit rl.protocol '{self.protocol}' "
-                                 "(r1searcher_pp rewards need the r1searcher_pp protocol, R1-Searcher rewards "
-                                 "the r1searcher protocol)")
+                                 "(r1searcher_pp rewards need the r1searcher_pp protocol; R1-Searcher's rewards, format "
+                                 "from the protocol's validator, fit r1searcher, search_r1 and tool_call)")
         return self
 
     @model_validator(mode="after")
@@ -449,7 +549,35 @@ class RlCfg(Section):
 
 
 # ----------------------------------------------------------------------------- evaluate
-EVAL_METHODS = ("direct", "rag", "agent_r1searcher_pp", "agent_r1searcher", "sft", "rl")
+EVAL_METHODS = ("direct", "rag", *(f"agent_{p}" for p in PROTOCOLS), "sft", "rl")
+
+
+class JudgeCfg(Section):
+    """The LLM judge behind LasJ (METHOD.md B.7, C; searchrl/judge.py)."""
+
+    # none: no LasJ; openai: any OpenAI-compatible chat endpoint (base_url); local: `model` run by our own
+    # backend (agent.backend hf / vllm), e.g. the embedded smollm2-135m-instruct as a stand-in
+    backend: Literal["none", "openai", "local"] = "none"
+    model: str = "gpt-4o-mini"  # openai: the served model name; local: an embedded alias, local dir or hub id
+    base_url: str = "https://api.openai.com/v1"  # openai only
+    api_key_env: str = "OPENAI_API_KEY"  # env var holding the key ("" = send none); never logged or written
+    concurrency: int = Field(16, ge=1)  # parallel HTTP requests
+    max_retries: int = Field(5, ge=0)  # on 408/409/429/5xx and network errors
+    backoff_s: float = Field(1.0, ge=0)  # first retry wait, doubled each time (a Retry-After header wins)
+    timeout_s: float = Field(60.0, gt=0)
+    max_tokens: int = Field(1024, ge=1)  # the reference's; a local model needs only a few
+    temperature: float | None = Field(None, ge=0)  # None = the endpoint's default, as the reference
+    batch_size: int = Field(16, ge=1)  # local only
+    cache_path: str = "data/cache/judge.sqlite"  # verdicts by (model, prompt version, question, golds, prediction)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeCfg:
+        if self.backend == "openai" and not re.match(r"^https?://\S+$", self.base_url):
+            raise ValueError(f"evaluate.judge.base_url: backend openai needs the endpoint's http(s) URL, e.g. "
+                             f"https://api.openai.com/v1 (got '{self.base_url}')")
+        if self.backend != "none" and not self.model:
+            raise ValueError("evaluate.judge.model: empty; name the judge model")
+        return self
 
 
 class EvaluateCfg(Section):
@@ -460,6 +588,35 @@ class EvaluateCfg(Section):
     batch_size: int = Field(16, ge=1)
     max_questions: int = Field(0, ge=0)  # 0 = all
     out_dir: str = "reports/eval"
+    judge: JudgeCfg = JudgeCfg()
+    # multi-sample evaluation: `samples` answers per question for each seed of `seeds` ([] = [seed]); every
+    # metric is a mean over questions (each question's samples averaged first) with a 95% bootstrap interval
+    samples: int = Field(1, ge=1)
+    seeds: list[int] = []
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy (the default: one sample, one seed)
+    top_p: float = Field(1.0, gt=0, le=1)
+    bootstrap: int = Field(1000, ge=0)  # resamples of the questions for the intervals (0 = no intervals)
+    # paired comparisons [a, b]: per-question a - b with its interval; [] = every method against the first
+    compare: list[tuple[str, str]] = []
+
+    @model_validator(mode="after")
+    def _sampling(self) -> EvaluateCfg:
+        if (self.samples > 1 or len(self.seeds) > 1) and self.temperature == 0:
+            raise ValueError(f"evaluate.temperature: 0 (greedy) gives identical samples; set it > 0 for "
+                             f"samples={self.samples}, seeds={self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"evaluate.seeds: {self.seeds} repeats a seed")
+        return self
+
+    def seed_list(self, default: int) -> list[int]:
+        """The seeds to evaluate with: `seeds`, or `[default]` (params.seed) when empty."""
+        return list(self.seeds) or [default]
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The paired comparisons to report: `compare`, or each method against the first one."""
+        if self.compare:
+            return [tuple(pair) for pair in self.compare]
+        return [(m, self.methods[0]) for m in self.methods[1:]]
 
 
 class LauncherCfg(Section):
@@ -547,6 +704,7 @@ class Params(Section):
     agent: AgentCfg = AgentCfg()
     prepare: PrepareCfg = PrepareCfg()
     index: IndexCfg = IndexCfg()
+    retrieval: RetrievalCfg = RetrievalCfg()
     sample: SampleCfg = SampleCfg()
     sft: SftCfg = SftCfg()
     rl: RlCfg = RlCfg()
@@ -597,6 +755,11 @@ class Params(Section):
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ValueError(f"evaluate.methods: unknown method '{method}' (known: "
                                  f"{', '.join(EVAL_METHODS)}, or rl_<name> for a name in rl_ablations){hint}")
+        for a, b in self.evaluate.compare:
+            for m in (a, b):
+                if m not in self.evaluate.methods:
+                    raise ValueError(f"evaluate.compare: '{m}' in [{a}, {b}] is not in evaluate.methods "
+                                     f"({', '.join(self.evaluate.methods)})")
         return self
 
     @model_validator(mode="after")
@@ -646,6 +809,22 @@ class Params(Section):
             raise ValueError(f"vllm_server.gpus: GPU {clash[0]} also runs a training process (launcher.processes: "
                              f"{self.launcher.processes} use GPUs 0-{self.launcher.processes - 1}); give the server "
                              f"the GPUs after them, e.g. \"{self.launcher.processes}\"")
+        return self
+
+    @model_validator(mode="after")
+    def _check_retrieval_service(self) -> Params:
+        """A flow-managed retrieval server is the run's retrieval.url (as vllm_server for the policy)."""
+        srv = self.retrieval.serve
+        if not srv.managed:
+            return self
+        url = srv.base_url()
+        if self.retrieval.url not in ("", url, url + "/"):
+            raise ValueError(f"retrieval.url ({self.retrieval.url}) is not the managed server's {url} "
+                             "(retrieval.serve.host / port): leave it empty, or set retrieval.serve.managed: false")
+        if self.retrieval.api != "searchrl":
+            raise ValueError("retrieval.api: the managed server is searchrl's own; use api: searchrl with "
+                             "retrieval.serve.managed (search_r1 is for someone else's server at retrieval.url)")
+        self.retrieval.url = url
         return self
 
     @model_validator(mode="after")
@@ -843,16 +1022,30 @@ def _format_error(err: ValidationError, source: str, root: type[BaseModel] | Non
     return f"{source}: '{dotted}': {e['msg']} (got {got!r}){more}"
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as a message names it: relative to the current directory when it lies below it."""
     p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping; ConfigError with one line `<file>[:line:column]: ...` when it is missing, not YAML
+    (PyYAML's problem and its position, 1-based) or not a mapping."""
+    p, shown = Path(path), shown_path(path)
     if not p.exists():
-        raise ConfigError(f"{p}: file not found")
+        raise ConfigError(f"{shown}: file not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}".replace("\n", " ")) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: not valid YAML: {problem}".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+        raise ConfigError(f"{shown}: expected a mapping at the top level")
     return data
 
 

@@ -23,6 +23,8 @@ import sys
 from searchrl.config import LauncherCfg, load_params, resolve_input
 from searchrl.errors import ConfigError
 
+USAGE = "python -m searchrl.launch MODULE [ARGS...]   (e.g. tasks.sft, or tasks.rl --ablation NAME)"
+
 
 def command(cfg: LauncherCfg, module: str, args: list[str]) -> list[str]:
     """The argv that runs `python -m module args` under the launcher settings."""
@@ -47,10 +49,15 @@ def command(cfg: LauncherCfg, module: str, args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0 if argv else 2)
+    if not argv:
+        print(f"usage: {USAGE}\nlaunch: error: name the module to run", file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: {USAGE}\n\n{__doc__}")
+        sys.exit(0)
     module, args = argv[0], argv[1:]
+    if "-h" in args or "--help" in args:  # the stage's own help: one plain process, no params.yaml needed
+        os.execv(sys.executable, [sys.executable, "-m", module, *args])
     try:
         cfg = load_params("params.yaml").launcher
         cmd = command(cfg, module, args)

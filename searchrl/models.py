@@ -8,7 +8,7 @@ A name is one of:
   offline machines fail with a clear message).
 
 `check_models(params)` checks every model-name key (policy.model, index.encoder, rl.init of the run
-and of each ablation, sample.teacher_model) and every device key before a stage or the flow does any
+and of each ablation, sample.teacher_model, a local evaluate.judge.model) and every device key before a stage or the flow does any
 work: a name that is none of the above (with HF_HUB_OFFLINE=1: a hub id missing from the local hub
 cache) or a CUDA device on a machine without one is one ConfigError line naming the key, the value and
 the closest known name.
@@ -263,6 +263,8 @@ def model_keys(params: Params, stages: list[str] | None = None) -> Iterator[tupl
     teacher = params.sample.teacher_model
     if uses_teacher and teacher and not teacher.startswith(("http://", "https://")):
         yield "sample.teacher_model", teacher.removeprefix("vllm:")
+    if params.evaluate.judge.backend == "local" and runs("evaluate"):
+        yield "evaluate.judge.model", params.evaluate.judge.model
 
 
 def produced_models(params: Params, workdir: Path) -> set[Path]:

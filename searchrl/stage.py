@@ -10,6 +10,7 @@ and exit code 2 instead of a traceback. Bugs keep their traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -39,6 +40,20 @@ def setup_logging() -> None:
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "faiss", "sentence_transformers",
                   "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_args(module: str, doc: str | None, argv: list[str] | None = None,
+               options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The command line of a stage entry point (`python -m tasks.<stage> [--help]`), parsed before any
+    work: `--help` prints the module's docstring and exits 0, an unknown argument is argparse's one-line
+    error and exit 2. `options(parser)` adds the stage's own options (tasks.rl: --ablation)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Reads params.yaml in the working directory (the project root, or a runs/<preset>/ workspace). "
+               "Usually run by `dvc repro <stage>` or `python -m flows.pipeline`, which rerun only what changed.")
+    if options:
+        options(parser)
+    return parser.parse_args(argv)
 
 
 def run_stage(stage: str, fn: Callable[[Params], None], inputs: list[str] = (),

@@ -22,7 +22,7 @@ DVC runs as subprocesses), is nested under it.
 Secrets: every string this module sends to MLflow (params, tags, run names, metric keys, texts and
 the text files of artifacts) goes through `scrub` first: values of environment variables whose names
 look secret (*KEY*, *TOKEN*, *SECRET*, *PASSW*, *CREDENTIAL*, *AUTH*, plus the variable that
-`sample.teacher_api_key_env` names), credentials inside URLs (`https://user:pass@host`) and
+`sample.teacher_api_key_env` and `evaluate.judge.api_key_env` name), credentials inside URLs (`https://user:pass@host`) and
 `?key=`/`token=`/`password=`-style query values become ***. Nothing else in the project calls mlflow
 directly (the SFT trainer logs through `trainer_callback`, not transformers' own MLflow callback).
 
@@ -87,7 +87,7 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access[_-]?token|
 _TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".md", ".txt", ".yaml", ".yml", ".log", ".html", ".py",
                   ".cfg", ".ini", ".toml", ".jinja"}
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- :]")
-_secret_env_names: set[str] = set()  # extra variables named by params (sample.teacher_api_key_env)
+_secret_env_names: set[str] = set()  # extra variables named by params (teacher / judge api_key_env)
 _checked_servers: set[str] = set()
 _logged_steps: dict[str, set[tuple[str, int]]] = {}  # run id -> (metric key, step) already in the run
 
@@ -131,7 +131,8 @@ def configure(params: Params) -> str:
     the experiment id."""
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    _secret_env_names.add(params.sample.teacher_api_key_env)
+    _secret_env_names.update(n for n in (params.sample.teacher_api_key_env, params.evaluate.judge.api_key_env)
+                             if n)
     uri = tracking_uri(params)
     check_server(uri)
     import mlflow

@@ -10,7 +10,11 @@ dvc.lock). Otherwise `make_workspace` materialises `runs/<preset stem | custom>/
   code change reruns the right stage here too. Links, not `../../searchrl` paths: DVC applies
   .dvcignore (`__pycache__`) only inside its repository, and a dependency outside it would change
   whenever Python writes bytecode;
-- `.dvc/`: its own DVC repository (`dvc init --no-scm`), hence its own dvc.lock, cache and run-cache.
+- `.dvc/`: its own DVC repository (`dvc init --no-scm`), hence its own dvc.lock; its cache (and with
+  it DVC's run-cache) is the one cache all workspaces and the project root share
+  (`searchrl.runcache.shared_cache_dir`), so a stage whose command, dependencies and params match a run
+  in any workspace is checked out of the cache instead of run (flows.pipeline runs `dvc repro` through
+  `python -m searchrl.runcache`).
 
 Why a nested no-SCM repository: `runs/` is git-ignored, and DVC refuses a git-ignored dvc.yaml
 inside a git repository ("bad DVC file name 'dvc.yaml' is git-ignored"); a directory with its own
@@ -41,6 +45,7 @@ import yaml
 from searchrl.config import Params, load_raw, project_root, validate
 from searchrl.errors import ConfigError
 from searchrl.io import atomic_path
+from searchrl.runcache import shared_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +149,19 @@ def init_dvc_repo(ws: Path) -> None:
     repo.close()
 
 
+def share_cache(ws: Path, cache_dir: Path) -> None:
+    """Point the workspace's DVC cache (`cache.dir` in its .dvc/config) at `cache_dir`, the cache every
+    workspace shares (searchrl.runcache.shared_cache_dir): outputs are stored once, and the run-cache
+    entries of any workspace restore a stage with the same command, dependencies and params here."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(ws / ".dvc"))
+    if config["cache"].get("dir") and Path(config["cache"]["dir"]).resolve() == cache_dir.resolve():
+        return
+    with config.edit("repo") as conf:
+        conf["cache"]["dir"] = str(cache_dir)
+
+
 class Plan(NamedTuple):
     """What `make_workspace` would write: the directory, the merged params (raw and validated) and a
     label of where they come from."""
@@ -217,4 +235,5 @@ def _materialise(ws: Path, raw: dict, params: Params, source: str, root: Path) -
     if (root / ".dvcignore").exists():
         _write_if_changed(ws / ".dvcignore", (root / ".dvcignore").read_text(encoding="utf-8"))
     init_dvc_repo(ws)
+    share_cache(ws, shared_cache_dir(root))
     _sync_links(ws, project_links(ws), root)

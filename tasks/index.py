@@ -16,7 +16,7 @@ from searchrl import tracking
 from searchrl.config import Params
 from searchrl.io import write_json
 from searchrl.retrieval.index import MANIFEST, build_index
-from searchrl.stage import run_stage
+from searchrl.stage import run_stage, stage_args
 
 log = logging.getLogger("searchrl.index")
 
@@ -34,7 +34,8 @@ def index(params: Params) -> dict:
     return stats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_args("tasks.index", __doc__, argv)
     run_stage("index", index, inputs=["data/prepared/corpus.parquet"])
 
 

@@ -13,7 +13,7 @@ import logging
 from searchrl import tracking
 from searchrl.config import Params
 from searchrl.data.prepare import PreparedData, prepare_data, write_outputs
-from searchrl.stage import run_stage
+from searchrl.stage import run_stage, stage_args
 from searchrl.validation import validate_frame
 
 log = logging.getLogger("searchrl.prepare")
@@ -63,7 +63,8 @@ def prepare(params: Params) -> dict:
     return s
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_args("tasks.prepare", __doc__, argv)
     run_stage("prepare", prepare)
 
 

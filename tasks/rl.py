@@ -12,13 +12,12 @@ as `searchrl-policy` with alias `rl` (main run) or `rl_<name>`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from searchrl import tracking
 from searchrl.config import Params
 from searchrl.errors import ConfigError
-from searchrl.stage import run_stage
+from searchrl.stage import run_stage, stage_args
 
 log = logging.getLogger("searchrl.rl")
 
@@ -49,9 +48,8 @@ def rl(params: Params, ablation: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.rl", description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation", default=None, help="a name in params.yaml rl_ablations")
-    args = parser.parse_args(argv)
+    args = stage_args("tasks.rl", __doc__, argv, options=lambda parser: parser.add_argument(
+        "--ablation", default=None, help="a name in params.yaml rl_ablations"))
     ablation = args.ablation
     from searchrl.training.rl import run_name
 

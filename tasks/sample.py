@@ -21,23 +21,11 @@ from searchrl.config import Params
 from searchrl.data.schema import read_qa
 from searchrl.errors import InputError, SearchRLError
 from searchrl.io import atomic_path, write_json
-from searchrl.stage import run_stage
+from searchrl.stage import run_stage, stage_args
 from searchrl.training import sampling
 from searchrl.validation import validate_frame
-from searchrl.validation.suites import PP_TAGS
 
 log = logging.getLogger("searchrl.sample")
-
-R1_TAGS = {"query": ("<|begin_of_query|>", "<|end_of_query|>"),
-           "documents": ("<|begin_of_documents|>", "<|end_of_documents|>")}
-ANSWER_TAG = {"answer": ("<answer>", "</answer>")}
-
-
-def suite_options(protocol: str) -> dict:
-    if protocol == "r1searcher":
-        return {"tags": {**R1_TAGS, **ANSWER_TAG}, "query_tag": "query", "document_tag": "documents"}
-    return {"tags": {**PP_TAGS, **ANSWER_TAG}, "query_tag": "external", "document_tag": "document"}
-
 
 def trajectory_frame(kept: list[sampling.Candidate]) -> pd.DataFrame:
     rows = []
@@ -92,7 +80,7 @@ def sample(params: Params) -> dict:
     frame = trajectory_frame(result.kept)
     n_tokens = dict(zip(frame["text"], frame["n_tokens"], strict=True))
     validate_frame(frame, "sft", "sft_trajectories", min_tokens=1, max_tokens=params.agent.max_total_tokens,
-                   count_tokens=lambda text: int(n_tokens[text]), **suite_options(protocol.name))
+                   count_tokens=lambda text: int(n_tokens[text]), **protocol.validation_tags())
 
     sampled = {row["id"]: row for row in result.difficulty}
     difficulty = pd.DataFrame([sampled.get(r.id) or {"id": r.id, "difficulty": "unknown", "n_samples": 0,
@@ -118,7 +106,8 @@ def sample(params: Params) -> dict:
     return stats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_args("tasks.sample", __doc__, argv)
     run_stage("sample", sample, inputs=["data/prepared/train.parquet", "data/index"])
 
 

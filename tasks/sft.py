@@ -19,7 +19,7 @@ import pandas as pd
 from searchrl import distributed, tracking
 from searchrl.config import Params
 from searchrl.io import atomic_path, write_json
-from searchrl.stage import run_stage
+from searchrl.stage import run_stage, stage_args
 from searchrl.training import sft as sftlib
 from searchrl.training.sampling import tokenizer_fingerprint
 
@@ -63,7 +63,8 @@ def sft(params: Params) -> dict:
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_args("tasks.sft", __doc__, argv)
     run_stage("sft", sft, inputs=["data/sft/trajectories.jsonl"])
 
 

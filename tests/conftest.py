@@ -67,9 +67,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 # ----------------------------------------------------------------------------- pipeline / flows
 def pipeline_env_vars(tmp: Path) -> dict[str, str]:
     """Environment that keeps a pipeline run out of the repository and the user's home: preset
-    workspaces under `tmp/runs`, MLflow in `tmp/mlflow.db`, Prefect state in `tmp/prefect`, offline."""
+    workspaces under `tmp/runs` sharing the DVC cache `tmp/dvc-cache` (not the project's: no run-cache
+    entry of another test or of the developer's own runs restores a stage a test expects to run),
+    MLflow in `tmp/mlflow.db`, Prefect state in `tmp/prefect`, offline."""
     return {
         "SEARCHRL_RUNS_DIR": str(tmp / "runs"),
+        "SEARCHRL_DVC_CACHE": str(tmp / "dvc-cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
         "PREFECT_HOME": str(tmp / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -29,13 +29,29 @@ _registered = False
 
 
 def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       is_causal=None, **kwargs):
+                       is_causal=None, packed=None, **kwargs):
     """query [B, H, S, D], key/value [B, Hkv, L, D], attention_mask [B|1, 1, S, L] (bool or additive)
-    or None -> (output [B, S, H, D], None), as transformers' attention functions return."""
+    or None -> (output [B, S, H, D], None), as transformers' attention functions return.
+
+    `packed` (a model kwarg that reaches the attention): the batch is one packed sequence (B = 1) whose
+    tokens belong to different KV slots (searchrl/agent/kv_cache.py, SlotCache.plan(packed=True);
+    key/value are then every slot, [slots, Hkv, width, D]). It lists groups (q_start, n, q_len, slot0,
+    width, mask): queries q_start .. q_start + n * q_len are n sequences of q_len tokens, sequence i in
+    slot slot0 + i, attending to its first `width` columns under mask [n, 1, q_len, width]. The
+    attention runs once per group (the rollout engine has two: the running rows' decode tokens, one per
+    row, and the admitted prompts) and the outputs are put back in token order."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
+    if packed is not None:
+        outs = []
+        for q_start, n, q_len, slot0, width, mask in packed:
+            q = query[0, :, q_start: q_start + n * q_len].unflatten(1, (n, q_len)).transpose(0, 1)
+            k, v = key[slot0: slot0 + n, :, :width], value[slot0: slot0 + n, :, :width]
+            out, _ = gqa_sdpa_attention(module, q, k, v, mask, dropout=dropout, scaling=scaling)
+            outs.append(out.flatten(0, 1))  # [n * q_len, H, D]
+        return torch.cat(outs)[None], None
     if (attention_mask is None or groups <= 1 or kwargs.get("position_bias") is not None
             or query.device.type not in ("cpu", "cuda") or key.shape[-1] != value.shape[-1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

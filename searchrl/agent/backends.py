@@ -92,12 +92,16 @@ def clean_short_answer(text: str) -> str:
 
 
 def answer_closed_book(backend: Backend, questions: list[str], max_new_tokens: int = 32,
-                       batch_size: int = 32) -> list[str]:
-    """Greedy short answers without retrieval (the prepare-stage knowledge probe and the 'direct' baseline)."""
+                       batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, raw: bool = False) -> list[str]:
+    """Short answers without retrieval (the prepare-stage knowledge probe and the 'direct' baseline):
+    greedy by default; sampled at `temperature` > 0 (batch b seeded `seed + b`, so repeated questions in
+    different batches differ). `raw`: the generated text as is instead of `clean_short_answer` of it."""
     tok = backend.tokenizer
     answers: list[str] = []
-    for s in range(0, len(questions), batch_size):
+    for b, s in enumerate(range(0, len(questions), batch_size)):
         prompts = [chat_prompt_ids(tok, CLOSED_BOOK_SYSTEM, q) for q in questions[s: s + batch_size]]
-        gens = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=["\n\n"], temperature=0.0)
-        answers.extend(clean_short_answer(g.text) for g in gens)
+        gens = backend.generate(prompts, max_new_tokens=max_new_tokens, stop=["\n\n"], temperature=temperature,
+                                top_p=top_p, seed=None if seed is None else seed + b)
+        answers.extend(g.text if raw else clean_short_answer(g.text) for g in gens)
     return answers

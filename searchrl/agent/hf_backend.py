@@ -169,17 +169,18 @@ class DecodeStep:
         import torch
 
         try:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run(nb)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._run(nb)
+            with torch.cuda.device(self.device):  # the model's GPU, whichever is current
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._run(nb)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._run(nb)
         except Exception as err:  # e.g. a model whose forward synchronises with the host
             log.warning("HFBackend: CUDA graph capture failed (%s: %s); decoding eagerly with static shapes",
                         type(err).__name__, err)
@@ -323,77 +324,79 @@ class HFBackend:
         self.stats["seconds"] += time.perf_counter() - t0
 
     def _decode(self, waiting: deque, watcher, temperature, top_p, gen, store, on_finish) -> None:
-        """The decode loop: admit waiting requests into free rows (one prefill forward for all of them,
-        straight into their cache slots), sample one token per row, report the rows that finished,
-        move the last rows into their slots, run one decode forward for the rest."""
+        """The decode loop: sample one token per row, report the rows that finished, move the last rows
+        into their slots, then one forward: the remaining rows' tokens, plus the prompts of waiting
+        requests admitted into the free rows when there are any (`_prefill`), else a plain decode
+        step (`DecodeStep`)."""
         import torch
 
         rows: list[Row] = []
-        logits = None
+        logits = tok = None
         cache: SlotCache | None = None
         step: DecodeStep | None = None
         while waiting or rows:
-            room = self.batch_size - len(rows)
-            if waiting and room > 0:
-                reqs = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-                if any(len(p) == 0 for _, p, _ in reqs):
-                    raise ValueError("generate: empty prompt (every prompt needs at least one token)")
-                self.stats["prompt_tokens"] += sum(len(p) for _, p, _ in reqs)
-                empty = [(k, Generation([], "", [], "length", None)) for k, _, b in reqs if b <= 0]
-                if empty:
-                    waiting.extendleft(reversed(on_finish(empty)))
-                reqs = [r for r in reqs if r[2] > 0]
-                if reqs:
-                    if cache is None:
-                        need = max(len(p) + b for _, p, b in (*reqs, *waiting))
-                        cache = SlotCache.for_model(self.model, self.batch_size, self._width(need))
-                        step = DecodeStep(self, cache, static=self.static_decode,
-                                          graphs=self.device.type == "cuda")
-                    new, new_logits = self._prefill(reqs, store, cache, len(rows))
-                    logits = new_logits if not rows else torch.cat([logits, new_logits])
-                    rows += new
-            if not rows:
-                continue
-            self.stats["decode_steps"] += 1
-            tok, lp = self._sample(logits, temperature, top_p, gen)
-            tok_l, lp_l = tok.tolist(), lp.tolist()
-            keep, done = [], []
-            for j, row in enumerate(rows):
-                t = tok_l[j]
-                row.ids.append(t)
-                row.lps.append(lp_l[j])
-                finish, which = None, None
-                if t in self.eos_ids:
-                    finish = "eos"
-                else:
-                    which = watcher.match(row.ids)
-                    if which is not None:
-                        finish = "stop"
-                    elif len(row.ids) >= row.budget:
-                        finish = "length"
-                if finish is None:
-                    keep.append(j)
-                    continue
-                text_ids = row.ids[:-1] if finish == "eos" else row.ids
-                done.append((row.key, Generation(list(row.ids), decode(self.tokenizer, text_ids), row.lps,
-                                                 finish, which)))
-                self.stats["generated_tokens"] += len(row.ids)
-                if finish == "stop" and self._session is not None and (
-                        self._continue_stops is None or which in self._continue_stops):
-                    # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
-                    store.add(row.prompt + row.ids[:-1], cache.row_kv(j, row.pos))
-            if done:
-                waiting.extendleft(reversed(on_finish(done)))  # continuations go first
-            if not keep:
-                rows, logits = [], None
-                continue
-            if len(keep) < len(rows):
-                order = cache.keep_rows(keep, max(rows[j].pos for j in keep))
-                rows = [rows[j] for j in order]
-                tok = tok[torch.tensor(order, device=tok.device)]
-            logits = step(tok, [r.pos for r in rows])
-            for r in rows:
+            if rows:
+                self.stats["decode_steps"] += 1
+                tok, lp = self._sample(logits, temperature, top_p, gen)
+                tok_l, lp_l = tok.tolist(), lp.tolist()
+                keep, done = [], []
+                for j, row in enumerate(rows):
+                    t = tok_l[j]
+                    row.ids.append(t)
+                    row.lps.append(lp_l[j])
+                    finish, which = None, None
+                    if t in self.eos_ids:
+                        finish = "eos"
+                    else:
+                        which = watcher.match(row.ids)
+                        if which is not None:
+                            finish = "stop"
+                        elif len(row.ids) >= row.budget:
+                            finish = "length"
+                    if finish is None:
+                        keep.append(j)
+                        continue
+                    text_ids = row.ids[:-1] if finish == "eos" else row.ids
+                    done.append((row.key, Generation(list(row.ids), decode(self.tokenizer, text_ids), row.lps,
+                                                     finish, which)))
+                    self.stats["generated_tokens"] += len(row.ids)
+                    if finish == "stop" and self._session is not None and (
+                            self._continue_stops is None or which in self._continue_stops):
+                        # KV of prompt + ids[:-1] (the last sampled token has not been run yet)
+                        store.add(row.prompt + row.ids[:-1], cache.row_kv(j, row.pos))
+                if done:
+                    waiting.extendleft(reversed(on_finish(done)))  # continuations go first
+                if len(keep) < len(rows):
+                    order = cache.keep_rows(keep, max((rows[j].pos for j in keep), default=0))
+                    rows = [rows[j] for j in order]
+                    tok = tok[torch.tensor(order, device=tok.device)] if order else None
+            reqs = self._admit(waiting, self.batch_size - len(rows), on_finish)
+            if reqs:
+                if cache is None:
+                    need = max(len(p) + b for _, p, b in (*reqs, *waiting))
+                    cache = SlotCache.for_model(self.model, self.batch_size, self._width(need))
+                    step = DecodeStep(self, cache, static=self.static_decode, graphs=self.device.type == "cuda")
+                new, logits = self._prefill(reqs, store, cache, rows, tok)
+            elif rows:
+                logits = step(tok, [r.pos for r in rows])
+            for r in rows:  # their sampled token has run
                 r.pos += 1
+            if reqs:
+                rows += new
+
+    def _admit(self, waiting: deque, room: int, on_finish) -> list:
+        """Take up to `room` waiting requests; one with no token budget is reported finished at once
+        (what `on_finish` hands back waits for the next admission)."""
+        if not waiting or room <= 0:
+            return []
+        reqs = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+        if any(len(p) == 0 for _, p, _ in reqs):
+            raise ValueError("generate: empty prompt (every prompt needs at least one token)")
+        self.stats["prompt_tokens"] += sum(len(p) for _, p, _ in reqs)
+        empty = [(k, Generation([], "", [], "length", None)) for k, _, b in reqs if b <= 0]
+        if empty:
+            waiting.extendleft(reversed(on_finish(empty)))
+        return [r for r in reqs if r[2] > 0]
 
     def _width(self, need: int) -> int:
         """Columns to allocate for `need`: rounded up (64 on CUDA, where the static mode attends over all
@@ -426,15 +429,22 @@ class HFBackend:
         kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
         store.add(prompts[0][:lcp], kv, shared=True)
 
-    def _prefill(self, reqs, store, cache: SlotCache, r0: int) -> tuple[list[Row], Any]:
-        """Admit `reqs` into slots r0.. : copy each one's reused prefix KV (c tokens) into columns [0, c),
-        then run the rest of its prompt (s tokens) in one forward, left-padded to S = max s: real token
-        i of row j goes to column c_j + i and sees columns [0, c_j + i]; a padding query writes a column
-        past its row's end (overwritten before it is ever visible) and sees only that column. Logits
-        of the last position = each row's last prompt token. Returns (rows, logits [len(reqs), vocab])."""
+    def _prefill(self, reqs, store, cache: SlotCache, running: list[Row], tok) -> tuple[list[Row], Any]:
+        """Admit `reqs` into the slots after the `running` rows: copy each one's reused prefix KV (c
+        tokens) into columns [0, c), then run the rest of its prompt (s tokens) left-padded to S = max s:
+        real token i of row j goes to column c_j + i and sees columns [0, c_j + i]; a padding query
+        writes a column past its row's end (overwritten before it is ever visible) and sees only that
+        column. Logits of the last position = each row's last prompt token.
+
+        With running rows, their sampled tokens `tok` run in the same forward (one pass over the
+        weights instead of a decode step plus a prefill): the model sees one packed sequence, the b
+        decode tokens then the m x S prompt tokens, each written to its own slot and column, and
+        attention runs per group (searchrl/agent/attention.py, `packed`). Returns (new rows, logits
+        [b + len(reqs), vocab]: the running rows' next-token logits, then the new rows')."""
         import torch
 
         dev = self.device
+        r0 = len(running)
         prompts = [p for _, p, _ in reqs]
         hits: list[tuple[PrefixEntry | None, int]] = [(None, 0)] * len(reqs)
         if store is not None:
@@ -478,12 +488,25 @@ class HFBackend:
                     store.drop(e)
         self.stats["prefill_tokens"] += int(sum(len(p) - c for p, c in zip(prompts, reused, strict=True)))
         self.stats["reused_tokens"] += int(sum(reused))
-        pos, cols = pos.to(dev), cols.to(dev)
-        cache.plan(r0, torch.arange(r0, r0 + m, device=dev)[:, None], cols, width)
-        logits = self._forward(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos,
-                               past_key_values=cache)
+        pos, cols, mask = pos.to(dev), cols.to(dev), mask.to(dev)
         rows = [Row(k, list(p), b, pos=len(p)) for k, p, b in reqs]  # own copy: callers extend their histories
-        return rows, logits
+        if not running:
+            cache.plan(r0, torch.arange(r0, r0 + m, device=dev)[:, None], cols, width)
+            logits = self._forward(input_ids=inp.to(dev), attention_mask=mask, position_ids=pos,
+                                   past_key_values=cache)
+            return rows, logits
+        b = len(running)
+        dpos = torch.tensor([r.pos for r in running], dtype=torch.long, device=dev)
+        dwidth = int(dpos.max()) + 1
+        dmask = torch.arange(dwidth, device=dev)[None, None, None, :] <= dpos[:, None, None, None]
+        slots = torch.cat([torch.arange(b, device=dev), torch.arange(r0, r0 + m, device=dev).repeat_interleave(S)])
+        cache.plan(0, slots, torch.cat([dpos, cols.flatten()]), max(dwidth, width), packed=True)
+        keep = torch.tensor([*range(b), *(b + (j + 1) * S - 1 for j in range(m))], device=dev)
+        out = self.model(input_ids=torch.cat([tok, inp.to(dev).flatten()])[None],
+                         position_ids=torch.cat([dpos, pos.flatten()])[None], attention_mask=dmask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep,
+                         packed=((0, b, 1, 0, dwidth, dmask), (b, m, S, r0, width, mask)))
+        return rows, out.logits[0]
 
     @staticmethod
     def _sample(logits, temperature: float, top_p: float, gen):

@@ -46,6 +46,10 @@ class SlotLayer(CacheLayerMixin):
         if key_states.shape[1:2] + key_states.shape[3:] != self.keys.shape[1:2] + self.keys.shape[3:]:
             raise ValueError(f"SlotCache: key states {tuple(key_states.shape)} do not fit slots "
                              f"{tuple(self.keys.shape)} (kv heads / head dim)")
+        if o.packed:  # [1, H, T, D]: token t -> slot slots[t], column cols[t]
+            self.keys[o.slots, :, o.cols] = key_states[0].transpose(0, 1)
+            self.values[o.slots, :, o.cols] = value_states[0].transpose(0, 1)
+            return self.keys, self.values
         self.keys[o.slots, :, o.cols] = key_states.transpose(1, 2)
         self.values[o.slots, :, o.cols] = value_states.transpose(1, 2)
         n = key_states.shape[0]
@@ -75,6 +79,7 @@ class SlotCache(Cache):
         self.rows, self.width = rows, width
         self.row0, self.view = 0, width
         self.slots = self.cols = None
+        self.packed = False
         self.version = 0  # bumped when the buffers are re-allocated (captured CUDA graphs are then stale)
 
     @classmethod
@@ -87,13 +92,15 @@ class SlotCache(Cache):
         p = next(model.parameters())
         return cls(cfg.num_hidden_layers, rows, width, kv_heads, head_dim, p.dtype, p.device)
 
-    def plan(self, row0: int, slots, cols, view: int) -> None:
+    def plan(self, row0: int, slots, cols, view: int, packed: bool = False) -> None:
         """The next forward runs slots row0.. (`slots` [n, 1] = row0 + arange(n), a tensor so that a CUDA
         graph can keep it); its token (j, i) is written at column cols[j, i]; attention sees columns
-        [0, view)."""
+        [0, view). packed=True: the forward is one packed sequence of T tokens from several slots,
+        token t written to slot slots[t] (shape [T]) at column cols[t]; `update` then returns every
+        slot, and the attention picks each group's slots (searchrl/agent/attention.py)."""
         if view > self.width:
             raise ValueError(f"SlotCache: {view} columns planned, {self.width} allocated")
-        self.row0, self.slots, self.cols, self.view = row0, slots, cols, view
+        self.row0, self.slots, self.cols, self.view, self.packed = row0, slots, cols, view, packed
 
     def widen(self, width: int) -> None:
         """Re-allocate every layer `width` columns wide, keeping the current contents."""

@@ -116,3 +116,29 @@ def _render_chat(tokenizer, system: str | None, user: str, assistant_prefix: str
         if assistant_prefix and not assistant_prefix.startswith((" ", "\n")):
             text += " "
     return text + assistant_prefix
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template rendered as text (`tools`: JSON tool schemas, for templates that
+    support them). Raises ValueError when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    kw = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
+
+
+def fill_prompt_ids(tokenizer, frame: str, marker: str, data: str) -> list[int]:
+    """Token ids of `frame` (trusted prompt text: our instructions, the chat template's tokens) with
+    its one `marker` replaced by `data` (a question: untrusted).
+
+    Data without any added-token string is tokenised together with the frame in one `encode` call
+    (the ids a reference implementation that formats and tokenises the whole string gets); otherwise
+    the frame pieces are encoded on their own and the data with `encode_untrusted`, so the data never
+    yields an added/special token id. Raises ValueError when `frame` does not hold `marker` exactly once."""
+    if frame.count(marker) != 1:
+        raise ValueError(f"prompt frame holds the marker {frame.count(marker)} times (need 1)")
+    head, tail = frame.split(marker)
+    if not any(t in data for t in added_tokens(tokenizer)):
+        return encode(tokenizer, head + data + tail)
+    return encode(tokenizer, head) + encode_untrusted(tokenizer, data) + encode(tokenizer, tail)

@@ -4,7 +4,9 @@ An index directory (published atomically, so a failed build leaves the previous 
 
     index.faiss         dense: faiss index, inner-product metric, id i = row i of passages.parquet
     bm25/               bm25: the bm25s files
-    passages.parquet    id, title, text, source in corpus order: what search returns
+    passages.parquet    id, title, text, source in corpus order (the portable copy)
+    passages.arrow      id, title, text as uncompressed Arrow IPC: what search returns, read by
+                        memory-mapped random access (only the pages of the hits are touched)
     manifest.json       encoder + settings, corpus hash, n_passages, sha256 and size of every file,
                         build seconds and passages/s
 
@@ -45,11 +47,19 @@ from searchrl.errors import ConfigError, IndexCorruptedError, InputError
 from searchrl.io import atomic_path, quarantine, sha256_file, stable_hash, write_json
 from searchrl.retrieval.base import Hit
 from searchrl.retrieval.encoder import Encoder, canonical_name, fingerprint
+from searchrl.retrieval.store import (
+    MANIFEST,
+    PASSAGE_STORE,
+    PASSAGES,
+    PassageStore,
+    rebuild_hint,
+    write_passage_store,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST, PASSAGES, FAISS_FILE, BM25_DIR = "manifest.json", "passages.parquet", "index.faiss", "bm25"
+FAISS_FILE, BM25_DIR = "index.faiss", "bm25"
 SHARD_ORDER = "tokens-desc-v1"  # how passages are ordered into shards (part of the shard cache key)
 VERIFY_AUTO_BYTES = 1 << 30  # verify="auto" hashes the files when they total at most this
 ADD_CHUNK = 65536  # vectors per faiss.add call
@@ -57,11 +67,6 @@ BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "l
 IDENTITY = ("format_version", "kind", "encoder", "encoder_fingerprint", "dim", "normalize", "max_length",
             "query_instruction", "passage_prefix", "factory", "metric", "train", "bm25", "corpus_hash",
             "n_passages")
-
-
-def _rebuild_hint(index_dir: Path) -> str:
-    return (f"rebuild it with `dvc repro index` (`dvc repro -f index` if DVC calls it up to date) or restore "
-            f"the cached copy with `dvc checkout {index_dir}`")
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -363,6 +368,7 @@ def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, o
         tmp.mkdir(parents=True)
         write(tmp)
         df.to_parquet(tmp / PASSAGES, index=False)
+        write_passage_store(df, tmp / PASSAGE_STORE)
         files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         seconds = time.perf_counter() - t0
@@ -435,14 +441,14 @@ def read_manifest(index_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IndexCorruptedError(f"{path}: missing, so {index_dir} is not a complete index; "
-                                  f"{_rebuild_hint(index_dir)}") from None
+                                  f"{rebuild_hint(index_dir)}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IndexCorruptedError(f"{path}: not valid JSON ({err}); {_rebuild_hint(index_dir)}") from None
+        raise IndexCorruptedError(f"{path}: not valid JSON ({err}); {rebuild_hint(index_dir)}") from None
     if not isinstance(manifest, dict) or manifest.get("kind") not in ("dense", "bm25"):
-        raise IndexCorruptedError(f"{path}: not an index manifest (no kind dense/bm25); {_rebuild_hint(index_dir)}")
+        raise IndexCorruptedError(f"{path}: not an index manifest (no kind dense/bm25); {rebuild_hint(index_dir)}")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise IndexCorruptedError(f"{path}: format_version {manifest['format_version']} is newer than this "
-                                  f"code reads ({FORMAT_VERSION}); update searchrl or {_rebuild_hint(index_dir)}")
+                                  f"code reads ({FORMAT_VERSION}); update searchrl or {rebuild_hint(index_dir)}")
     return manifest
 
 
@@ -460,20 +466,20 @@ def verify_files(index_dir: Path, manifest: dict, verify: bool | str = "auto") -
     needed = [PASSAGES, FAISS_FILE] if manifest["kind"] == "dense" else [PASSAGES]
     for name in needed:
         if name not in files:
-            raise IndexCorruptedError(f"{index_dir / MANIFEST}: does not list {name}; {_rebuild_hint(index_dir)}")
+            raise IndexCorruptedError(f"{index_dir / MANIFEST}: does not list {name}; {rebuild_hint(index_dir)}")
     total = sum(int(meta.get("bytes", 0)) for meta in files.values())
     full = verify in (True, "full") or (verify == "auto" and total <= VERIFY_AUTO_BYTES)
     for name, meta in sorted(files.items()):
         path = index_dir / name
         if not path.is_file():
-            raise IndexCorruptedError(f"{path}: missing (listed in {MANIFEST}); {_rebuild_hint(index_dir)}")
+            raise IndexCorruptedError(f"{path}: missing (listed in {MANIFEST}); {rebuild_hint(index_dir)}")
         size = path.stat().st_size
         if size != meta["bytes"]:
             raise IndexCorruptedError(f"{path}: {size} bytes where {MANIFEST} says {meta['bytes']} (truncated or "
-                                      f"overwritten); {_rebuild_hint(index_dir)}")
+                                      f"overwritten); {rebuild_hint(index_dir)}")
         if full and sha256_file(path) != meta["sha256"]:
             raise IndexCorruptedError(f"{path}: sha256 differs from {MANIFEST} (the file is corrupted or was "
-                                      f"replaced); {_rebuild_hint(index_dir)}")
+                                      f"replaced); {rebuild_hint(index_dir)}")
 
 
 def check_matches_cfg(index_dir: Path, manifest: dict, cfg) -> None:
@@ -486,36 +492,10 @@ def check_matches_cfg(index_dir: Path, manifest: dict, cfg) -> None:
         if manifest.get(key) != value:
             raise IndexCorruptedError(
                 f"{index_dir / MANIFEST}: the index was built with index.{key}={manifest.get(key)!r} but params "
-                f"say {value!r}; {_rebuild_hint(index_dir)}")
+                f"say {value!r}; {rebuild_hint(index_dir)}")
 
 
 # ----------------------------------------------------------------------------- load + search
-class PassageStore:
-    """passages.parquet as an Arrow table: hits are gathered with one take() per search call."""
-
-    def __init__(self, path: Path, n_expected: int, index_dir: Path):
-        import pyarrow.parquet as pq
-
-        try:
-            self.table = pq.read_table(path, columns=["id", "title", "text"], memory_map=True)
-        except Exception as err:  # pyarrow raises ArrowInvalid / OSError on a damaged file
-            raise IndexCorruptedError(f"{path}: unreadable ({err}); {_rebuild_hint(index_dir)}") from None
-        if self.table.num_rows != n_expected:
-            raise IndexCorruptedError(f"{path}: {self.table.num_rows} passages where {MANIFEST} says "
-                                      f"{n_expected}; {_rebuild_hint(index_dir)}")
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:
-        ids = np.asarray(ids, dtype=np.int64)
-        uniq = np.unique(ids[ids >= 0])
-        rows = self.table.take(uniq).to_pydict()
-        by_row = {int(r): (rows["id"][j], rows["title"][j], rows["text"][j]) for j, r in enumerate(uniq)}
-        return [[Hit(*by_row[int(i)], score=float(s)) for i, s in zip(qi, qs, strict=True) if i >= 0]
-                for qi, qs in zip(ids, scores, strict=True)]
-
-
 class _BaseRetriever:
     kind = ""
 
@@ -585,7 +565,7 @@ def load_index(index_dir: str | os.PathLike, cfg=None, *, encoder: Encoder | Non
         check_matches_cfg(index_dir, manifest, cfg)
     verify_files(index_dir, manifest, verify)
     n = int(manifest["n_passages"])
-    store = PassageStore(index_dir / PASSAGES, n, index_dir)
+    store = PassageStore(index_dir, n)
 
     if manifest["kind"] == "bm25":
         import bm25s
@@ -593,7 +573,7 @@ def load_index(index_dir: str | os.PathLike, cfg=None, *, encoder: Encoder | Non
         try:
             bm = bm25s.BM25.load(str(index_dir / BM25_DIR), mmap=mmap, show_progress=False)
         except Exception as err:
-            raise IndexCorruptedError(f"{index_dir / BM25_DIR}: unreadable ({err}); {_rebuild_hint(index_dir)}") from None
+            raise IndexCorruptedError(f"{index_dir / BM25_DIR}: unreadable ({err}); {rebuild_hint(index_dir)}") from None
         return BM25Retriever(index_dir, manifest, store, manifest_hash(manifest), bm)
 
     import faiss
@@ -609,10 +589,10 @@ def load_index(index_dir: str | os.PathLike, cfg=None, *, encoder: Encoder | Non
         index = index if index is not None else faiss.read_index(str(path))
     except RuntimeError as err:
         raise IndexCorruptedError(f"{path}: faiss cannot read it ({_faiss_message(err)}); "
-                                  f"{_rebuild_hint(index_dir)}") from None
+                                  f"{rebuild_hint(index_dir)}") from None
     if index.ntotal != n or index.d != manifest["dim"]:
         raise IndexCorruptedError(f"{path}: {index.ntotal} vectors of dim {index.d} where {MANIFEST} says {n} of "
-                                  f"dim {manifest['dim']}; {_rebuild_hint(index_dir)}")
+                                  f"dim {manifest['dim']}; {rebuild_hint(index_dir)}")
     nprobe = cfg.nprobe if cfg is not None else manifest["nprobe"]
     ef_search = cfg.ef_search if cfg is not None else manifest["ef_search"]
     wanted = search_params(manifest["factory"], nprobe, ef_search)
@@ -639,7 +619,7 @@ def _check_encoder(index_dir: Path, manifest: dict, encoder: Encoder) -> None:
             what = (f"the encoder files at {encoder.path} changed since the build" if key == "encoder_fingerprint"
                     else f"{key}={got[key]!r} at load but {manifest.get(key)!r} at build")
             raise IndexCorruptedError(f"{index_dir / MANIFEST}: encoder mismatch, {what} (queries would be "
-                                      f"embedded differently from the passages); {_rebuild_hint(index_dir)}")
+                                      f"embedded differently from the passages); {rebuild_hint(index_dir)}")
 
 
 __all__ = ["BM25Retriever", "DenseRetriever", "Encoder", "build_index", "fingerprint", "index_manifest_hash",

@@ -87,6 +87,7 @@ FORMAT_KEY = "search/format_valid"
 LOG_COLUMNS = ("step", "phase", "reward", "format_valid", "correct", "retrievals", "internal_steps",
                "answer_words", "kl", "entropy", "memorization_nll", "memorization_size", "loss",
                "truncated", "informative_fraction", "logp_mismatch_max", "retrieval_retries",
+               "group_reward", "group_reward_groups",
                "tokens_per_s", "step_seconds", "questions")
 
 
@@ -172,6 +173,17 @@ def total_rewards(reward_funcs: list[Callable], weights: list[float], out: dict,
                                                                 "env_mask")})
         totals = [t + w * (v or 0.0) for t, v in zip(totals, values, strict=True)]
     return totals
+
+
+def group_reward_share(correct: list[bool], retrievals: list[int], group_size: int, cfg: RewardCfg) -> float:
+    """Share of the step's groups in which R1-Searcher++'s group reward gives some rollout a bonus
+    (0 when the reward configuration has no group reward)."""
+    if cfg.kind != "r1searcher_pp" or not cfg.group_reward or not correct:
+        return 0.0
+    fired = [any(R.group_rewards(correct[s: s + group_size], retrievals[s: s + group_size], cfg.group_form,
+                                 cfg.group_std, cfg.group_clip))
+             for s in range(0, len(correct), group_size)]
+    return sum(fired) / len(fired)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -497,6 +509,8 @@ def _grpo_trainer_class():
             summary = RolloutSummary.of(trajs, out, correct, stats)
             self.last_summary = summary
             m = self._metrics["train"]
+            m["search/group_reward_groups"].append(group_reward_share(correct, out["retrievals"],
+                                                                      self.num_generations, self.reward_cfg))
             m["search/retrievals"].append(summary.retrievals)
             m["search/internal_steps"].append(summary.internal_steps)
             m["search/format_valid"].append(summary.format_valid)
@@ -973,6 +987,7 @@ def log_rows(history: list[dict], phase: str, offset: int) -> list[dict]:
             "memorization_nll": "memorization/nll", "memorization_size": "memorization/size", "loss": "loss",
             "truncated": "search/truncated", "informative_fraction": "search/informative_fraction",
             "logp_mismatch_max": "sampling/logp_mismatch/max", "retrieval_retries": "search/retrieval_retries",
+            "group_reward": "rewards/group/mean", "group_reward_groups": "search/group_reward_groups",
             "tokens_per_s": "throughput/tokens_per_s", "step_seconds": "throughput/step_seconds",
             "questions": "questions"}
     rows = []

@@ -235,7 +235,7 @@ def answer_segment(record: QARecord, protocol: Protocol) -> str:
     """The last segment's ending: the gold answer in the answer tags (R1-Searcher: after </think>).
     Tags in the data are removed, so a gold answer can never close or open one."""
     answer = f"{protocol.answer_open}{sanitize_passage(record.answers[0])}{protocol.answer_close}"
-    return f"</think>\n{answer}" if protocol.name == "r1searcher" else answer  # <think> opened by the prompt
+    return protocol.answer_lead + answer  # R1-Searcher: "</think>\n" (its prompt opens <think>)
 
 
 def oracle_kind(record: QARecord) -> str | None:

@@ -33,23 +33,20 @@ searchrl/training/sampling.py): segment k of a rollout is the one written after 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from searchrl.agent.backends import Generation, decode, encode_untrusted, eos_token_ids
 from searchrl.agent.protocols import Protocol
 from searchrl.errors import ConfigError, SearchRLError
+from searchrl.openai_http import OpenAIClient
 
 log = logging.getLogger(__name__)
 
 _SYS_MARK = "SYSTEMMESSAGEMARK"
 _USER_MARK = "USERMESSAGEMARK"
-_RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
 class TeacherError(SearchRLError):
@@ -124,41 +121,12 @@ class OpenAIBackend:
         self.parser = ChatPromptParser(tokenizer) if api == "chat" else None
         eos = eos_token_ids(tokenizer)
         self.eos_id = min(eos) if eos else None
+        self.client = OpenAIClient(self.base_url, api_key_env, label="teacher", error=TeacherError,
+                                   timeout_s=timeout_s, max_retries=max_retries)
         self.stats = {"requests": 0, "retries": 0, "seconds": 0.0}
         if not os.environ.get(api_key_env):
             log.info("teacher: $%s is not set; requests to %s carry no Authorization header", api_key_env,
                      self.base_url)
-
-    # -- one request
-    def _post(self, path: str, body: dict) -> dict:
-        key = os.environ.get(self.api_key_env, "")
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode("utf-8")
-        url = f"{self.base_url}/{path}"
-        for attempt in range(self.max_retries + 1):
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as err:
-                detail = _redact(err.read().decode("utf-8", "replace")[:300], key)
-                if err.code in _RETRY_STATUS and attempt < self.max_retries:
-                    self.stats["retries"] += 1
-                    time.sleep(min(2.0 ** attempt, 30.0))
-                    continue
-                raise TeacherError(f"teacher {url}: HTTP {err.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, OSError) as err:
-                if attempt < self.max_retries:
-                    self.stats["retries"] += 1
-                    time.sleep(min(2.0 ** attempt, 30.0))
-                    continue
-                reason = _redact(str(getattr(err, "reason", err)), key)
-                raise TeacherError(f"teacher {url}: unreachable after {attempt + 1} attempts ({reason})") from None
-            except json.JSONDecodeError:
-                raise TeacherError(f"teacher {url}: the reply is not JSON") from None
-        raise AssertionError("unreachable")
 
     def _request(self, ids: list[int], budget: int, stop: list[str], temperature: float, top_p: float,
                  seed: int | None) -> Generation:
@@ -174,7 +142,7 @@ class OpenAIBackend:
         if self.api == "completions":
             so_far = ""
             body["prompt"] = decode(self.tokenizer, ids)
-            reply = self._post("completions", body)
+            reply = self.client.post("completions", body)
         else:
             system, user, so_far = self.parser.parse(ids)
             messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -182,7 +150,7 @@ class OpenAIBackend:
                 messages.append({"role": "assistant", "content": so_far})
                 body.update(continue_final_message=True, add_generation_prompt=False)
             body["messages"] = messages
-            reply = self._post("chat/completions", body)
+            reply = self.client.post("chat/completions", body)
         try:
             choice = reply["choices"][0]
             text = choice["text"] if self.api == "completions" else choice["message"]["content"]
@@ -211,11 +179,8 @@ class OpenAIBackend:
                        for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))]
             out = [f.result() for f in futures]
         self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["retries"] = self.client.stats["retries"]
         return out
-
-
-def _redact(text: str, key: str) -> str:
-    return text.replace(key, "***") if key else text
 
 
 # ----------------------------------------------------------------------------- scripted

@@ -8,8 +8,10 @@ express on raw values (a list column, tag balance in a trajectory) become *compu
                 (`_question_not_blank`); answers a non-empty list of non-blank strings (`_answers_ok`);
                 split in `splits`
     corpus      >= 1 row; id/title/text; unique id; non-blank text (`_text_not_blank`)
-    predictions id/question/prediction/golds/method/em/f1/cem/retrievals; (id, method) unique;
-                em, f1, cem in [0, 1]; retrievals >= 0; golds a non-empty list of non-blank strings
+    predictions id/question/prediction/golds/method/em/f1/cem/retrievals; (id, method) unique, or
+                (id, method, sample) with a `sample` column (several samples per question); em, f1,
+                cem (and lasj, when judged) in [0, 1]; judge in True/False/unparseable; retrievals
+                >= 0; golds a non-empty list of non-blank strings
     sft         text/answer/retrievals; non-blank answer; for every tag pair, as many opens as
                 closes per example (`_n_open_<tag>` == `_n_close_<tag>`); every document block
                 comes after a query (`_documents_after_query`); length in [min_tokens, max_tokens]
@@ -124,13 +126,18 @@ def corpus_suite(df: pd.DataFrame) -> Suite:
 def predictions_suite(df: pd.DataFrame) -> Suite:
     df = df.copy()
     _with(df, "_golds_ok", "golds", non_empty_string_list)
-    scores = [e for c in ("em", "f1", "cem") for e in (
+    judged = ("lasj",) if "lasj" in df.columns else ()
+    scores = [e for c in ("em", "f1", "cem", *judged) for e in (
         Expect("ExpectColumnValuesToNotBeNull", {"column": c}),
         Expect("ExpectColumnValuesToBeBetween", {"column": c, "min_value": 0, "max_value": 1}))]
+    if judged and "judge" in df.columns:
+        scores.append(Expect("ExpectColumnValuesToBeInSet",
+                             {"column": "judge", "value_set": ["True", "False", "unparseable"]}))
+    key = ["id", "method", "sample"] if "sample" in df.columns else ["id", "method"]
     return Suite("predictions", df, [
         *_exist(["id", "question", "prediction", "golds", "method", "em", "f1", "cem", "retrievals"]),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "id"}),
-        Expect("ExpectCompoundColumnsToBeUnique", {"column_list": ["id", "method"]}),
+        Expect("ExpectCompoundColumnsToBeUnique", {"column_list": key}),
         Expect("ExpectColumnValuesToNotBeNull", {"column": "prediction"}),
         _is_true("_golds_ok", "golds must be a non-empty list of non-blank strings"),
         *scores,

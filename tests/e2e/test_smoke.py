@@ -77,6 +77,20 @@ def test_smoke_pipeline_end_to_end_then_up_to_date(tmp_path):
         assert (ws / "reports" / "eval" / "predictions" / f"{method}.jsonl").is_file()
     assert "| dataset | method |" in log  # the table, in the flow's log
 
+    # LasJ through the local judge stand-in (evaluate.judge: local, the embedded model): every
+    # prediction judged, next to F1 / EM / CEM / RC with intervals; the reports people look at
+    judge = json.loads((ws / "reports" / "eval" / "judge.json").read_text())
+    assert judge["backend"] == "local" and judge["judged"] > 0 and judge["completion_tokens"] > 0
+    for per_dataset in metrics.values():
+        for method in methods & set(per_dataset):
+            m = per_dataset[method]
+            assert 0 <= m["lasj"] <= 100 and "lasj_unparseable" in m and m["f1_lo"] <= m["f1"] <= m["f1_hi"]
+    table_md = (ws / "reports" / "eval" / "table.md").read_text()
+    assert "| Method |" in table_md and "LasJ" in table_md and "Avg RC" in table_md
+    assert json.loads((ws / "reports" / "eval" / "paired.json").read_text())
+    assert (ws / "reports" / "eval" / "f1_vs_rc.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'id="data"' in (ws / "reports" / "eval" / "trajectories.html").read_text()
+
     # the flow published the evaluation table as a Prefect artifact
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         artifacts = db.execute("SELECT key, type, data FROM artifact").fetchall()
@@ -105,6 +119,14 @@ def test_smoke_pipeline_end_to_end_then_up_to_date(tmp_path):
     assert any(k.startswith("dvc.dep.") for k in tagged["index"].data.tags)
     assert any(k.startswith("dvc.dep.") for k in tagged["evaluate"].data.tags)
     assert "evaluate.top_k" in tagged["evaluate"].data.params
+    ev = tagged["evaluate"]
+    assert any(k.endswith("/lasj") or k.endswith(".lasj") for k in ev.data.metrics), sorted(ev.data.metrics)[:20]
+    assert ev.data.metrics["judge/judged"] > 0
+    from mlflow import MlflowClient
+
+    stored = {a.path for a in MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(
+        ev.info.run_id, "eval")}
+    assert {"eval/table.md", "eval/trajectories.html", "eval/f1_vs_rc.png"} <= stored, stored
 
     # Second run: DVC finds every stage up to date, nothing reruns, nothing is rewritten.
     lock = (ws / "dvc.lock").read_bytes()

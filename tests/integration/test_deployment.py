@@ -60,24 +60,50 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def local_env(tmp_path: Path, port: int) -> dict:
+    """The environment of README's commands on a machine where the local server's port is `port`:
+    PREFECT_SERVER_API_PORT (read by `prefect server start` and by flows.deploy), no PREFECT_API_URL."""
+    env = {**os.environ, **pipeline_env_vars(tmp_path), "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
-    """A real Prefect server on a free port with its own PREFECT_HOME; yields (api_url, env, log)."""
+    """`prefect server start` as README runs it (no --host / --port: the settings it shares with
+    flows.deploy; a free port instead of 4200), its own PREFECT_HOME. Yields (api_url, env, log) at once,
+    while the server is still starting, as `prefect server start &` leaves the next command."""
     port = free_port()
-    env = {**os.environ, **pipeline_env_vars(tmp_path)}
-    env.pop("PREFECT_API_URL", None)
+    env = local_env(tmp_path, port)
     log = tmp_path / "server.log"
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
-    api = f"http://127.0.0.1:{port}/api"
+    proc = start([str(BIN / "prefect"), "server", "start"], env, log)
     try:
-        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180,
-                   "prefect server", proc, log)
-        yield api, {**env, "PREFECT_API_URL": api}, log
+        yield f"http://127.0.0.1:{port}/api", env, log
     finally:
         stop(proc)
 
 
+def test_deploy_says_what_to_do_without_a_server(tmp_path):
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "flows.deploy", "--preset", "configs/smoke.yaml"], cwd=PROJECT_ROOT,
+                         env=local_env(tmp_path, port), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"error: no Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL is unset): start one with "
+        "`prefect server start &`, or export PREFECT_API_URL=http://HOST:PORT/api for a server elsewhere; "
+        "the temporary server of `python -m flows.pipeline` has no scheduler")
+
+    url = f"http://127.0.0.1:{port}/api"
+    out = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         env={**local_env(tmp_path, port), "PREFECT_API_URL": url}, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: the Prefect server PREFECT_API_URL={url} does not answer {url}/health; "
+                                  "start it, or unset PREFECT_API_URL to use a local `prefect server start`")
+
+
 def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
+    """README's commands as written: `prefect server start &`, then at once `python -m flows.deploy`
+    with PREFECT_API_URL unset: it waits for the starting local server and registers there."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
@@ -88,6 +114,8 @@ def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
     serve = start([sys.executable, "-m", "flows.deploy", "--cron", CRON, "--preset", "configs/smoke.yaml",
                    "--stages", "prepare", "--set", "prepare.knowledge_world.probe.enabled=false"], env, log)
     try:
+        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180,
+                   "prefect server", log=server_log)
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
                 deployment = wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 120,
@@ -116,6 +144,7 @@ def test_deployment_schedule_and_triggered_run(prefect_server, tmp_path):
                 assert (start_at.isoweekday(), start_at.hour, start_at.minute) == (7, 3, 0), start_at
     finally:
         stop(serve)
+    assert f"using the local Prefect server {api}" in log.read_text()
 
     ws = tmp_path / "runs" / "smoke"
     assert (ws / "data" / "prepared" / "corpus.parquet").is_file()

@@ -52,6 +52,31 @@ def test_config_mistakes_are_one_line_and_exit_2_before_any_work(pipeline_env, o
     assert not (pipeline_env / "runs").exists() and not (pipeline_env / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (("  factory: Flat\n", "  factroy: Flat\n"), "error: params.yaml: unknown key 'index.factroy' (did you mean 'factory'?)"),
+    (("  factory: Flat\n", "  factory: [Flat\n"), "error: params.yaml:{line}:12: not valid YAML: expected ',' or ']', "
+                                                 "but got ':'"),
+])
+def test_a_typo_in_the_root_params_yaml_is_one_line_before_the_flow(pipeline_env, tmp_path, edit, expected):
+    """`make run` (no preset, no --set) reads the project's own params.yaml: its typos are caught like
+    a preset's, before any Prefect flow or server, in one line naming the file relative to the project."""
+    root = tmp_path / "project"
+    root.mkdir()
+    text = (PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8")
+    assert text.count(edit[0]) == 1
+    (root / "params.yaml").write_text(text.replace(*edit), encoding="utf-8")
+    (root / "dvc.yaml").write_text((PROJECT_ROOT / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    line = text[:text.index(edit[0])].count("\n") + 2  # PyYAML stops on the line after the open list
+    out = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=root, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "SEARCHRL_ROOT": str(root),
+                                           "PYTHONPATH": str(PROJECT_ROOT)})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip() == expected.format(line=line)
+    assert not (root / "mlflow.db").exists() and not (root / ".dvc").exists()
+    assert not (pipeline_env / "runs").exists()
+    assert not any((pipeline_env / "prefect").glob("*")), "no Prefect server or database was started"
+
+
 def test_a_stage_names_a_bad_model_key_and_exits_2(pipeline_env, tmp_path):
     """The same check in a DVC stage (`dvc exp run -S policy.model=...` writes params.yaml directly)."""
     (tmp_path / "params.yaml").write_text("policy:\n  model: smollm2-135m-instrct\n")

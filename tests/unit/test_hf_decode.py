@@ -248,3 +248,29 @@ def test_stop_watcher_precheck_never_changes_the_answer(tok, stops):
                     ids = []
     assert matched > 0 and checked > 500
     assert (w._finals is None) == any(s[-1].isspace() or not s[-1].isascii() for s in stops)
+
+
+# ----------------------------------------------------------------------------- CPU output projection
+def test_vocab_projection_by_rows(model):
+    """One row: F.linear exactly (the one-at-a-time path is unchanged); several rows: the same logits
+    to float rounding; the module is restored afterwards, and a layer with hooks is left alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from searchrl.agent.hf_backend import vocab_projection_by_rows
+
+    head = model.get_output_embeddings()
+    x1, x5 = torch.randn(1, 1, 64), torch.randn(5, 1, 64)
+    with torch.inference_mode(), vocab_projection_by_rows(model):
+        assert "forward" in vars(head)
+        one, five = head(x1), head(x5)
+    assert "forward" not in vars(head)
+    assert torch.equal(one, F.linear(x1, head.weight))
+    assert five.shape == (5, 1, head.weight.shape[0]) and five.is_contiguous()
+    assert torch.allclose(five, F.linear(x5, head.weight), atol=1e-5, rtol=1e-5)
+    head.forward = head.forward  # an instance-level forward (as hooks install) is not replaced
+    try:
+        with vocab_projection_by_rows(model):
+            assert vars(head)["forward"] == head.__class__.forward.__get__(head)
+    finally:
+        del head.forward

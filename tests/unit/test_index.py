@@ -187,7 +187,7 @@ def test_manifest_content(flat_index, encoder):
     assert m["encoder"] == "all-minilm-l6-v2" and m["dim"] == 384 and m["normalize"] is True
     assert m["query_instruction"] == "" and m["passage_prefix"] == "" and m["max_length"] == 256
     assert m["n_passages"] == len(FACTS) and len(m["corpus_hash"]) == 16
-    assert set(m["files"]) == {"index.faiss", "passages.parquet"}
+    assert set(m["files"]) == {"index.faiss", "passages.parquet", "passages.arrow"}
     from searchrl.io import sha256_file
 
     for name, meta in m["files"].items():

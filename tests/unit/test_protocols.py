@@ -136,7 +136,7 @@ def test_stops_and_prompts():
     for tag in ("<think>", "<answer>", "<|begin_of_query|>", "<|begin_of_documents|>"):
         assert tag in R1.system_prompt()
     with pytest.raises(ValueError, match="unknown protocol"):
-        get_protocol("search_r1")
+        get_protocol("not_a_protocol")
 
 
 def test_parse_segment():

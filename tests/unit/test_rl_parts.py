@@ -121,3 +121,16 @@ def test_memorization_metrics_use_the_facts_rl_trained_on(tmp_path):
     out = memorization_metrics(p, preds)
     assert out == {"rl": {"facts": 2, "trained_questions": 3, "before": "sft", "cem_before": 50.0,
                           "cem_after": 100.0, "f1_before": 50.0, "f1_after": 100.0}}
+
+
+def test_group_reward_share_counts_groups_with_a_bonus():
+    from searchrl.config import RewardCfg
+    from searchrl.training.rl import group_reward_share
+
+    cfg = RewardCfg()
+    # group 1: two correct with 1 and 2 retrievals -> the 1-retrieval one gets 2*sigma^2 = 0.5; group 2: one
+    # correct only -> no bonus; group 3: two correct with equal counts -> sigma 0, no bonus
+    correct = [True, True, False, False, True, False, True, True]
+    retrievals = [1, 2, 0, 0, 3, 1, 2, 2]
+    assert group_reward_share(correct, retrievals, 2, cfg) == 0.25
+    assert group_reward_share(correct, retrievals, 2, cfg.model_copy(update={"group_reward": False})) == 0.0

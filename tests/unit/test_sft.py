@@ -23,6 +23,10 @@ from searchrl.training.sampling import tokenizer_fingerprint
 
 PP = get_protocol("r1searcher_pp")
 R1 = get_protocol("r1searcher")
+SR1 = get_protocol("search_r1")
+TC = get_protocol("tool_call")  # on a tokenizer with tests/chat_templates.py's tool template (none has one)
+ALL = [PP, R1, SR1, TC]
+IDS = ["pp", "r1", "search_r1", "tool_call"]
 Q = "What is the capital of the country where Zorblat Holdings was founded?"
 MODEL_1 = "<external>Zorblat Holdings founded</external>"
 ENV = "\n<document>\n(1) Zorblat Holdings: Zorblat Holdings was founded in 1901 in France.\n</document>\n"
@@ -64,10 +68,17 @@ def completion_mask(example: dict, n_prompt: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- masking (golden)
-@pytest.mark.parametrize("which", ["smol", "gpt2", "minilm"])
-@pytest.mark.parametrize("protocol", [PP, R1], ids=["pp", "r1"])
-def test_labels_mask_equals_env_mask(which, protocol, request):
+def tokenizer_for(which: str, protocol, request):
+    from tests.chat_templates import with_tool_template
+
     tok = request.getfixturevalue(which)
+    return with_tool_template(tok) if protocol is TC else tok
+
+
+@pytest.mark.parametrize("which", ["smol", "gpt2", "minilm"])
+@pytest.mark.parametrize("protocol", ALL, ids=IDS)
+def test_labels_mask_equals_env_mask(which, protocol, request):
+    tok = tokenizer_for(which, protocol, request)
     traj = hand_trajectory(tok, protocol)
     ex = sft.sft_example(traj)
     n = len(traj.prompt_ids)
@@ -85,17 +96,25 @@ def test_labels_mask_equals_env_mask(which, protocol, request):
 
 R1_MODEL_1 = " I need the country.<|begin_of_query|>Zorblat Holdings founded<|end_of_query|>"
 R1_MODEL_2 = "It was founded in France, whose capital is Paris.</think>\n<answer>Paris</answer>"
+SCRIPTS = {
+    "r1searcher_pp": [MODEL_1, MODEL_2],
+    "r1searcher": [R1_MODEL_1, R1_MODEL_2],
+    "search_r1": ["<think>I need the country.</think>\n<search> Zorblat Holdings founded </search>",
+                  "<think>France, whose capital is Paris.</think>\n<answer> Paris </answer>"],
+    "tool_call": ['I need the country.\n<tool_call>\n{"name": "search", "arguments": {"query": "Zorblat Holdings '
+                  'founded"}}\n</tool_call>', "France, whose capital is Paris.\n<answer>Paris</answer>"],
+}
 
 
 @pytest.mark.parametrize("which", ["smol", "gpt2"])
-@pytest.mark.parametrize("protocol", [PP, R1], ids=["pp", "r1"])
+@pytest.mark.parametrize("protocol", ALL, ids=IDS)
 def test_masked_tokens_are_exactly_the_inserted_documents(which, protocol, request):
     """A real rollout (agent loop, a real retriever over passages, the tokenizer's own ids): the
     unmasked tokens decode to the model's text, the masked ones to the inserted document blocks."""
-    tok = request.getfixturevalue(which)
+    tok = tokenizer_for(which, protocol, request)
     ret = KeywordRetriever([("p-zo", "Zorblat Holdings", "Zorblat Holdings was founded in 1901 in France."),
                             ("p-fr", "France", "France is a country in Europe. Its capital city is Paris.")])
-    script = [MODEL_1, MODEL_2] if protocol is PP else [R1_MODEL_1, R1_MODEL_2]
+    script = SCRIPTS[protocol.name]
     backend = ScriptedBackend(tok, {Q: script}, protocol.query_close)
     traj = run_rollouts(backend, ret, protocol, [("q0", Q)], agent_cfg=AgentCfg(top_k=2))[0]
     assert [s.role for s in traj.segments] == ["model", "env", "model"] and traj.finish_reason == "answered"
