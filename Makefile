@@ -101,7 +101,10 @@ prefect-server: setup
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-# Pipeline outputs and local tracking state; keeps .venv (delete it by hand to reinstall).
+# Pipeline outputs (the root's and every runs/ workspace's), the DVC cache they share (copies of every
+# output and the run-cache), benchmark indexes and local tracking state. Keeps .venv (delete it by hand
+# to reinstall) and the caches outside the repository (README "Outputs, results and cleaning up").
 clean:
-	rm -rf data models reports runs mlruns mlartifacts mlflow.db gx .pytest_cache .ruff_cache
+	rm -rf data models reports runs .dvc/cache .cache/bench mlruns mlartifacts mlflow.db gx .pytest_cache \
+	  .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,10 +1,16 @@
-"""Search throughput on the benchmark index: batched calls vs one query per call, same queries.
+"""Search throughput on a real index: batched calls vs one query per call, same queries.
 
-    python bench/bench_search.py                  # 500 HotpotQA dev questions, 64 per batched call
+    python bench/bench_search.py                  # 500 HotpotQA dev questions, 64 per batched call,
+                                                  # Flat MiniLM index over 8,192 random local paragraphs
     python bench/bench_search.py --rounds 1 --queries 128
+    python bench/bench_search.py --limit 0        # the index over all ~55k paragraphs (~45 min to build)
 
-The index is the one bench_index.py leaves in --index-dir (Flat, MiniLM, all ~55k corpus paragraphs);
-if it is missing it is built first (that takes as long as bench_index.py). Each round times both modes
+The index is exactly the one reported: a dense Flat index (all-MiniLM-L6-v2, the default IndexCfg)
+over `--limit` paragraphs of ../shared/data/corpus drawn with `--seed` (bench_index.load_corpus, the
+sample bench_index.py --limit N draws too). An index already in --index-dir is used only when its
+manifest's corpus hash, kind, factory and encoder are those of that input; otherwise it is built
+there first (~6 minutes for 8,192 paragraphs on a 2-core CPU). The report records the input (corpus
+dir, limit, seed, corpus hash) and whether the index was built or verified. Each round times both modes
 over the same queries, alternating which goes first, so load from other processes hits both alike;
 `Retriever.search` does one encode call + one faiss search per call. Also reported: where a batched
 call spends its time (query encoding / faiss / passage lookup), whether both modes return the same
@@ -33,8 +39,46 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_index import load_corpus, loadavg, machine, shared_data  # noqa: E402
 
 from searchrl.config import IndexCfg  # noqa: E402
+from searchrl.errors import SearchRLError  # noqa: E402
 from searchrl.retrieval.cache import CachedRetriever  # noqa: E402
-from searchrl.retrieval.index import build_index, load_index  # noqa: E402
+from searchrl.retrieval.index import (  # noqa: E402
+    build_index,
+    check_matches_cfg,
+    corpus_hash,
+    load_index,
+    read_manifest,
+    read_passages,
+)
+
+DEFAULT_LIMIT = 8192
+
+
+def index_matches(index_dir: Path, chash: str, cfg: IndexCfg) -> bool:
+    """True when index_dir holds an index of exactly this corpus (its hash) built with cfg's settings
+    (kind, encoder, factory, normalisation: searchrl.retrieval.index.check_matches_cfg)."""
+    try:
+        manifest = read_manifest(index_dir)
+        check_matches_cfg(index_dir, manifest, cfg)
+    except SearchRLError:
+        return False
+    return manifest.get("corpus_hash") == chash
+
+
+def ensure_index(index_dir: Path, corpus_dir: Path, limit: int, seed: int) -> dict:
+    """Build (or verify) the index over exactly `limit` paragraphs of corpus_dir drawn with `seed`;
+    returns the input's description for the report."""
+    passages = load_corpus(corpus_dir, limit, seed)
+    cfg = IndexCfg(kind="dense", factory="Flat")
+    chash = corpus_hash(read_passages(passages))
+    built = not index_matches(index_dir, chash, cfg)
+    if built:
+        print(f"building the index over {len(passages)} paragraphs of {corpus_dir} (seed {seed}) in {index_dir}",
+              flush=True)
+        build_index(passages, cfg, index_dir)
+    else:
+        print(f"{index_dir}: verified (corpus hash {chash}, {len(passages)} paragraphs)", flush=True)
+    return {"dir": str(corpus_dir), "limit": limit, "seed": seed, "passages": len(passages), "corpus_hash": chash,
+            "index_built_here": built}
 
 
 def load_queries(path: Path, limit: int = 0) -> list[str]:
@@ -73,7 +117,12 @@ def breakdown(r, queries: list[str], k: int, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--index-dir", type=Path, default=ROOT / ".cache" / "bench" / "index-flat")
+    ap.add_argument("--corpus-dir", type=Path, default=shared_data() / "corpus")
+    ap.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                    help=f"paragraphs in the index, a seeded random sample (0 = all; default {DEFAULT_LIMIT})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the paragraph sample")
+    ap.add_argument("--index-dir", type=Path, default=None,
+                    help="where the index is built or verified (default .cache/bench/search-flat-<limit>-seed<seed>)")
     ap.add_argument("--questions", type=Path,
                     default=shared_data() / "qa" / "hotpotqa" / "dev_ircot500_with_contexts.jsonl")
     ap.add_argument("--queries", type=int, default=0, help="first N questions (0 = all)")
@@ -86,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("faiss", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    if not (args.index_dir / "manifest.json").exists():
-        print(f"no index in {args.index_dir}: building it over {shared_data() / 'corpus'} (slow)", flush=True)
-        build_index(load_corpus(shared_data() / "corpus"), IndexCfg(), args.index_dir)
+    if args.index_dir is None:
+        args.index_dir = ROOT / ".cache" / "bench" / f"search-flat-{args.limit or 'all'}-seed{args.seed}"
+    corpus = ensure_index(args.index_dir, args.corpus_dir, args.limit, args.seed)
     queries = load_queries(args.questions, args.queries)
     t0 = time.perf_counter()
     r = load_index(args.index_dir)
     load_s = time.perf_counter() - t0
+    assert r.manifest["corpus_hash"] == corpus["corpus_hash"], "the index loaded is not the one reported"
     print(f"{r}: loaded in {load_s:.1f}s; {len(queries)} queries, k={args.k}, batch {args.batch}", flush=True)
     r.search(queries[: args.batch], args.k)  # warm-up (allocator, BLAS threads)
     r.search(queries[:1], args.k)
@@ -130,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
                              *map(shlex.quote, sys.argv[1:])]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "corpus": corpus,
         "index": {"dir": os.path.relpath(args.index_dir, ROOT), "kind": r.manifest["kind"],
                   "factory": r.manifest.get("factory"), "encoder": r.manifest.get("encoder"),
-                  "passages": r.manifest["n_passages"], "load_seconds": round(load_s, 2)},
+                  "passages": r.manifest["n_passages"], "corpus_hash": r.manifest["corpus_hash"],
+                  "load_seconds": round(load_s, 2)},
         "queries": {"file": str(args.questions), "n": len(queries), "k": args.k, "batch": args.batch},
         "rounds": rounds,
         "batched_queries_per_s": batched,

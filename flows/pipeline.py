@@ -21,6 +21,12 @@ nest their runs under it. After `evaluate` it publishes the evaluation table as 
 A run holds its workspace's lock (`searchrl.workspace.workspace_lock`) from writing the workspace to
 its last stage: a second run of the same preset waits for it instead of racing on its files.
 
+With `retrieval.serve.managed: true` the flow also runs the retrieval server for the run
+(`retrieval_service`): started once, before the first stage that searches (sample, rl, evaluate) and
+will run, on the index the index stage just built; every stage then reaches it at retrieval.url; it
+is stopped when the run ends (log: <workspace>/logs/retrieval_server.log). With `retrieval.url` set
+and `managed: false`, the stages use that existing server and `main` checks it answers first.
+
 An RL stage in vLLM server mode (`rl.vllm_mode: server`) with `vllm_server.managed: true` runs beside
 the policy's vLLM server (`stage_services`): the flow starts `vllm serve` on `vllm_server.gpus`, waits
 for its /health, runs the stage against it (TRL syncs the weights into it every step) and stops it
@@ -249,6 +255,53 @@ def stage_services(params, stage: str, workspace: Path, env: dict[str, str], log
             logger.info("stopping the vLLM server of %s", stage)
 
 
+SEARCHING_STAGES = ("sample", "rl", "rl_ablation", "evaluate")  # the stages that call the retriever
+
+
+def searches(stage: str) -> bool:
+    return stage.split("@", 1)[0] in SEARCHING_STAGES
+
+
+def retrieval_service(params, stage: str, workspace: Path, env: dict[str, str], run_scope: contextlib.ExitStack,
+                      started: dict, logger=None):
+    """The run's retrieval server (`retrieval.serve.managed`), started on first need: before the first
+    stage that searches and will run (DVC would not skip it), after the index stage, so it serves the
+    index this run built. `python -m searchrl.retrieval.serve --index <index.out_dir>` in the workspace,
+    its GET /health awaited (the index is loaded then), kept for the rest of the run and stopped with
+    its process group by `run_scope` when the run ends, fails or is interrupted (the kernel's parent-
+    death signal if the flow itself is killed). Log: <workspace>/<retrieval.serve.log_dir>/
+    retrieval_server.log. `started` remembers the service across stages. Returns it, or None."""
+    from searchrl import services
+    from searchrl.retrieval.serve import serve_command
+
+    srv = params.retrieval.serve
+    if not srv.managed or not searches(stage):
+        return None
+    if "service" in started:
+        return started["service"]
+    logger = logger or get_run_logger()
+    if stage_up_to_date(workspace, stage):
+        logger.info("stage %s is up to date: no retrieval server needed for it", stage)
+        return None
+    url = srv.base_url()
+    if services.probe(f"{url}/health", timeout_s=2.0):
+        raise services.ServiceError(f"retrieval.serve: something already answers {url}/health; stop it or change "
+                                    "retrieval.serve.port (the flow starts its own server there), or point "
+                                    "retrieval.url at it with retrieval.serve.managed: false")
+    index_dir = (workspace / params.index.out_dir).resolve()
+    cmd = serve_command(params, str(index_dir))
+    log_path = workspace / srv.log_dir / "retrieval_server.log"
+    logger.info("retrieval server for the run: %s (log %s)", services.redacted(cmd), log_path)
+    t0 = time.perf_counter()
+    service = run_scope.enter_context(services.running(
+        cmd, f"{url}/health", env=env, log_path=log_path, cwd=workspace, timeout_s=srv.startup_timeout_s,
+        name="retrieval server", grace_s=srv.stop_grace_s))
+    logger.info("retrieval server answers %s after %.0fs (pid %d)", url, time.perf_counter() - t0, service.pid)
+    run_scope.callback(logger.info, "stopped the retrieval server (log %s)", log_path)
+    started["service"] = service
+    return service
+
+
 def publish_evaluation(workspace: Path, out_dir: str, label: str) -> str | None:
     """The evaluation table (methods x datasets: EM / F1 / CEM / retrievals) as a Prefect artifact."""
     from searchrl.evaluation import markdown_table
@@ -293,16 +346,21 @@ def _pipeline(preset: str | None, overrides: list[str] | None, stages: list[str]
                            "overrides": " ".join(overrides or [])})
         parent_id = parent.info.run_id
         env = stage_env(workspace, parent_id, tracking.tracking_uri(params))
-        for stage in selected:
-            with stage_services(params, stage, workspace, env):
-                results[stage] = run_task(stage, str(workspace), env)
-            # wall time per stage, comparable across runs in the MLflow UI ('@' is not a metric character)
-            tracking.log_metrics({f"stage_seconds/{stage.replace('@', '.')}": results[stage]["seconds"]})
+        with contextlib.ExitStack() as run_scope:  # services that live for the whole run (retrieval)
+            started: dict = {}
+            for stage in selected:
+                retrieval_service(params, stage, workspace, env, run_scope, started, logger)
+                with stage_services(params, stage, workspace, env):
+                    results[stage] = run_task(stage, str(workspace), env)
+                # wall time per stage, comparable across runs in the MLflow UI ('@' is not a metric character)
+                tracking.log_metrics({f"stage_seconds/{stage.replace('@', '.')}": results[stage]["seconds"]})
+        ran = [s for r in results.values() for s in r["ran"]]
+        restored = [s for r in results.values() for s in r["restored"]]
+        # a restored stage logs no run of its own: the parent says which outputs came from the run-cache
+        tracking.set_tags({"restored_stages": ",".join(restored)})
         table = publish_evaluation(workspace, params.evaluate.out_dir, label) if "evaluate" in selected else None
         if table:
             tracking.log_text(table + "\n", "evaluation.md")
-    ran = [s for r in results.values() for s in r["ran"]]
-    restored = [s for r in results.values() for s in r["restored"]]
     logger.info("DVC ran: %s", ", ".join(ran) if ran else "nothing (all stages up to date)"
                 if not restored else "nothing")
     if restored:
@@ -361,8 +419,23 @@ def check_before_run(preset: str | None, overrides: list[str], stages: list[str]
         from searchrl.agent.vllm_server import serve_command
 
         serve_command(plan.params.vllm_server, "model", plan.params.policy.dtype)  # the executable exists
+    ret = plan.params.retrieval
+    if ret.url and not ret.serve.managed and (not stages or any(searches(s) for s in stages)):
+        check_retrieval_service(ret)
     if server:
         tracking.check_server(tracking.tracking_uri(plan.params))
+
+
+def check_retrieval_service(cfg) -> None:
+    """An existing retrieval service (retrieval.url, not managed) must answer before the run starts."""
+    from searchrl.retrieval.http import HTTPRetriever
+
+    client = HTTPRetriever(cfg.url, api=cfg.api, timeout_s=min(cfg.timeout_s, 30.0), connect_timeout_s=5.0)
+    if not client.health():
+        what = "GET /health" if cfg.api == "searchrl" else "a probe POST /retrieve"
+        raise ConfigError(f"retrieval.url: the retrieval service at {client.url} does not answer {what}; start it "
+                          "(python -m searchrl.retrieval.serve --index <index dir>), fix the URL, or set "
+                          "retrieval.serve.managed: true to let the flow start one")
 
 
 def _terminate(signum, frame) -> None:

@@ -5,8 +5,9 @@ it from an `atexit` hook, which never runs when the flow process is killed: the 
 left running. `tied_server()` starts the same server (the command and environment Prefect's
 `SubprocessASGIServer` uses: `uvicorn --factory prefect.server.api.server:create_app`, no UI, no
 background services) as a `searchrl.services` service: its own process group, stopped when the `with`
-block exits (normally, on an error or on Ctrl-C / SIGTERM), and sent SIGTERM by the kernel when the
-flow process dies, SIGKILL included (Linux's parent-death signal).
+block exits (normally, on an error or on Ctrl-C / SIGTERM; after Prefect's log and event workers have
+delivered what they hold), and sent SIGTERM by the kernel when the flow process dies, SIGKILL included
+(Linux's parent-death signal).
 
 The flow then talks to it through PREFECT_API_URL (`prefect.settings.temporary_settings`). With
 PREFECT_API_URL set (a real `prefect server start`), nothing is started.
@@ -58,7 +59,22 @@ def tied_server(timeout_s: float | None = None) -> Iterator[str | None]:
                           timeout_s=timeout_s or float(settings.server.ephemeral.startup_timeout_seconds),
                           grace_s=10.0, interval_s=0.2):
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                deliver_pending()
+
+
+def deliver_pending(timeout_s: float = 30.0) -> None:
+    """Let Prefect's background workers send the logs and events they still hold (the flow's last lines
+    are batched every few seconds) while the server is up. Stopped first, the server leaves them
+    retrying against a closed port for over a minute before the process can exit, then printing
+    "Error logging to API"."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
 
 
 def local_server_url() -> str:

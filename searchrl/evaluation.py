@@ -68,7 +68,7 @@ class Prediction:
                 "seed": self.seed, "question": self.question, "prediction": self.prediction,
                 "golds": list(self.golds), "retrievals": self.retrievals, "internal_steps": self.internal_steps,
                 "finish_reason": self.finish_reason, "format_valid": self.format_valid, **self.scores,
-                "judge": self.judge, "judge_reply": self.judge_reply, "queries": list(self.queries),
+                "judge": self.judge, "judge_reply": self.judge_reply, "queries": list(self.queries), "retrieved_ids": list(self.retrieved_ids),
                 "segments": [list(seg) for seg in self.segments]}
 
 

@@ -14,9 +14,11 @@ Backends (`evaluate.judge.backend`):
 - local: `model` run by our own backend (HF, or vLLM when agent.backend is vllm), greedy unless
   `temperature` is set; the embedded smollm2-135m-instruct serves as a network-free stand-in (CI).
 
-Verdicts: `parse_verdict` reads the reply as True / False when it contains exactly one of the two
-words (case, quotes, markdown and punctuation ignored: "True", "**false.**", "The answer is True.");
-a reply with neither or both ("True or False?") is *unparseable*: counted (per dataset and method, and in `JudgeStats`), kept raw in the prediction
+Verdicts: `parse_verdict` reads a reply as True / False when it starts with that word standing on its
+own (case, quotes and markdown ignored), followed by nothing, punctuation or a new line, and does not
+contain the other word: "True", "**false.**", "False. It names another city." A reply that does not
+("The answer is True", "True if the predicted ...", an echo of the instruction, "True or False?") is
+*unparseable*: counted (per dataset and method, and in `JudgeStats`), kept raw in the prediction
 row, and scored as not True, exactly as the reference counts only replies equal to "True". A blank
 prediction (no answer) is judged False without a request.
 
@@ -84,6 +86,8 @@ def judge_prompt(question: str, golds: Sequence[str] | str, prediction: str) -> 
                          gold=" | ".join(_one_line(g) for g in mapped), prediction=_one_line(prediction))
 
 
+_LEAD, _TRAIL = r"""[\s*_`"'(\[]*""", r"""[\s*_`"')\]]*"""  # markdown, quotes, brackets around the verdict
+_VERDICT = re.compile(_LEAD + r"(true|false)(?:" + _TRAIL + r"$|" + _TRAIL + r"[.,:;!\n\u2014-])", re.IGNORECASE)
 _WORDS = re.compile(r"[A-Za-z]+")
 
 
@@ -91,10 +95,16 @@ def parse_verdict(reply: str | None) -> bool | None:
     """True / False from a judge reply, None when it is neither (see the module docstring).
 
         parse_verdict("True") -> True      parse_verdict("**false.**") -> False
-        parse_verdict("The answer is True.") -> True      parse_verdict("True or False?") -> None
+        parse_verdict("True if the predicted answer") -> None      parse_verdict("True or False?") -> None
     """
-    found = {w.lower() for w in _WORDS.findall(reply or "")} & {"true", "false"}
-    return (found.pop() == "true") if len(found) == 1 else None
+    m = _VERDICT.match(reply or "")
+    if m is None:
+        return None
+    word = m.group(1).lower()
+    other = "false" if word == "true" else "true"
+    if other in (w.lower() for w in _WORDS.findall(reply)):
+        return None
+    return word == "true"
 
 
 def cache_key(model: str, question: str, golds: Sequence[str] | str, prediction: str,

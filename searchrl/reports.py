@@ -102,7 +102,8 @@ def report_markdown(metrics: dict[str, dict[str, dict]], paired: dict[str, dict[
              table1(metrics, order), ""]
     if judge:
         parts += [f"LasJ: judge `{judge.get('model')}` ({judge.get('backend')}, prompt {judge.get('prompt_version')}); "
-                  f"{judge.get('unparseable', 0)} unparseable replies of {judge.get('judged', 0)}.", ""]
+                  f"{judge.get('unparseable', 0)} of {judge.get('judged', 0)} predictions got a reply neither True nor False "
+                  "(counted as not True).", ""]
     parts += ["## All metrics (mean [95% bootstrap interval over questions])", "", markdown_table(metrics), ""]
     if any(paired.values()):
         parts += ["## Paired comparisons (per-question a - b, mean [95% bootstrap interval]; * = excludes 0)", "",

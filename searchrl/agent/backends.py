@@ -51,7 +51,7 @@ def __getattr__(name: str):
 
 # ----------------------------------------------------------------------------- factory + helpers
 def make_backend(policy_cfg, agent_cfg, model=None, tokenizer=None) -> Backend:
-    """Build the backend named by `agent_cfg.backend`.
+    """Build the backend named by `agent_cfg.backend` (hf | vllm | vllm_server).
 
     `model` lets RL pass its live policy (a transformers model; its tokenizer via `tokenizer`, else
     loaded from `policy_cfg.model`), or an already built `vllm.LLM`.
@@ -72,7 +72,12 @@ def make_backend(policy_cfg, agent_cfg, model=None, tokenizer=None) -> Backend:
         return VLLMBackend(causal_lm_path(policy_cfg.model), dtype=policy_cfg.dtype,
                            gpu_memory_utilization=agent_cfg.vllm_gpu_memory_utilization,
                            max_model_len=getattr(agent_cfg, "vllm_max_model_len", None) or None)
-    raise ValueError(f"agent.backend: unknown backend '{agent_cfg.backend}' (hf | vllm)")
+    if agent_cfg.backend == "vllm_server":  # a policy served by `vllm serve` (searchrl/agent/vllm_server.py)
+        from searchrl.agent.vllm_server import VLLMServerBackend
+
+        tok = tokenizer if tokenizer is not None else load_tokenizer(policy_cfg.model)
+        return VLLMServerBackend.from_config(agent_cfg, tok, policy_model=policy_cfg.model)
+    raise ValueError(f"agent.backend: unknown backend '{agent_cfg.backend}' (hf | vllm | vllm_server)")
 
 
 CLOSED_BOOK_SYSTEM = ("Answer the question from your own knowledge. Reply with the answer only: a few words, "

@@ -9,13 +9,15 @@ is the model, its attention interface (searchrl/agent/attention.py) and its `Cac
 (searchrl/agent/kv_cache.py).
 
 The loop (`HFBackend._decode`), one iteration per decode step:
-1. admit waiting requests into free rows: look up reused prefix KV, copy it into the rows' slots,
-   run the rest of their prompts in one left-padded forward (logits of the last position only);
-2. sample one token per row (greedy when temperature == 0);
-3. a row that sampled EOS, completed a stop string or used its budget leaves: it is reported through
+1. sample one token per row (greedy when temperature == 0);
+2. a row that sampled EOS, completed a stop string or used its budget leaves: it is reported through
    `on_finish`, which may hand it back with more tokens appended (the rollout engine's documents);
    the last rows move into the freed slots;
-4. one decode forward for the remaining rows (`DecodeStep`).
+3. one forward: if waiting requests fit into free rows, they are admitted (reused prefix KV copied
+   into their slots, the rest of their prompts left-padded) and run in the same forward as the
+   remaining rows' sampled tokens (`_prefill`: one packed sequence, attention per group); otherwise a
+   plain decode step for the remaining rows (`DecodeStep`). The logits of each row's last position
+   are the next iteration's.
 
 `DecodeStep` has two modes, the same arithmetic:
 - "dynamic" (CPU default): exactly the rows in use, attention over the longest row's columns;
@@ -197,8 +199,8 @@ class HFBackend:
     Requests wait in a queue (sorted by prompt length, so rows admitted together pad little); up to
     `batch_size` rows decode together, one token per row per step. A row that samples an EOS token,
     completes a stop string or reaches its token budget leaves the batch at once (its slot is refilled
-    with the last row's KV), and waiting requests take the free rows: they are prefilled together
-    (logits of the last position only) straight into their slots. `generate_stream`'s callback can
+    with the last row's KV), and waiting requests take the free rows: their prompts run straight into
+    their slots, in the same forward as the other rows' next tokens. `generate_stream`'s callback can
     put a finished request back at the head of the queue with more tokens appended (the rollout
     engine's retrieved documents), so no row ever waits for the slowest one.
 

@@ -53,7 +53,7 @@ from searchrl.retrieval.store import (
     PASSAGES,
     PassageStore,
     rebuild_hint,
-    write_passage_store,
+    write_passages,
 )
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,7 @@ def _build_dense(df: pd.DataFrame, chash: str, cfg, out_dir: Path, encoder: Enco
     order = encode_order(texts, encoder, shard_dir / "order.npy")
     paths, stats = encode_shards(texts, order, encoder, shard_dir, cfg.shard_size, cfg.batch_size, progress,
                                  on_shard)
+    del texts  # the encoded strings (a second copy of the corpus text): freed before faiss trains and adds
     reader = ShardReader(paths, order, cfg.shard_size, encoder.dim)
 
     extra: dict = {}
@@ -367,8 +368,7 @@ def build_index(corpus: str | os.PathLike | pd.DataFrame | list[Passage], cfg, o
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         write(tmp)
-        df.to_parquet(tmp / PASSAGES, index=False)
-        write_passage_store(df, tmp / PASSAGE_STORE)
+        write_passages(df, tmp / PASSAGES, tmp / PASSAGE_STORE)
         files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         seconds = time.perf_counter() - t0

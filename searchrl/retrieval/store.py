@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST, PASSAGES = "manifest.json", "passages.parquet"
 PASSAGE_STORE = "passages.arrow"
-STORE_BATCH = 65536  # rows per Arrow record batch
+STORE_BATCH = 65536  # rows per Arrow record batch (and parquet row group)
+STORE_COLUMNS = ("id", "title", "text")
 
 
 def rebuild_hint(index_dir: Path) -> str:
@@ -32,16 +33,38 @@ def rebuild_hint(index_dir: Path) -> str:
             f"the cached copy with `dvc checkout {index_dir}`")
 
 
+def write_passages(df: pd.DataFrame, parquet: Path, arrow: Path, batch_rows: int = STORE_BATCH) -> None:
+    """The corpus frame as passages.parquet (all its columns) and passages.arrow (id, title, text,
+    uncompressed Arrow IPC), converted and written STORE_BATCH rows at a time: never a second copy of
+    the whole corpus in memory (pandas' to_parquet would convert all of it to Arrow first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store_schema = pa.schema([(c, pa.string()) for c in STORE_COLUMNS])
+    pq_writer = None
+    try:
+        with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_file(sink, store_schema) as store:
+            for a in range(0, max(len(df), 1), batch_rows):
+                part = pa.Table.from_pandas(df.iloc[a:a + batch_rows], preserve_index=False)
+                if pq_writer is None:
+                    pq_writer = pq.ParquetWriter(str(parquet), part.schema)
+                pq_writer.write_table(part)
+                store.write_batch(pa.record_batch([part.column(c).combine_chunks().cast(pa.string())
+                                                   for c in STORE_COLUMNS], schema=store_schema))
+    finally:
+        if pq_writer is not None:
+            pq_writer.close()
+
+
 def write_passage_store(df: pd.DataFrame, path: Path, batch_rows: int = STORE_BATCH) -> None:
-    """id, title, text of `df` as an uncompressed Arrow IPC file, written STORE_BATCH rows at a time
-    (never a second copy of the whole corpus in memory)."""
+    """Only passages.arrow (see write_passages)."""
     import pyarrow as pa
 
-    schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+    schema = pa.schema([(c, pa.string()) for c in STORE_COLUMNS])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for a in range(0, len(df), batch_rows):
             part = df.iloc[a:a + batch_rows]
-            writer.write_batch(pa.record_batch([pa.array(part[c].tolist(), pa.string()) for c in schema.names],
+            writer.write_batch(pa.record_batch([pa.array(part[c].tolist(), pa.string()) for c in STORE_COLUMNS],
                                                schema=schema))
 
 

@@ -154,8 +154,14 @@ class SearchAPI:
         self.limiter = limiter
         self.sleep = sleep
         self.stats = {"requests": 0, "retries": 0}
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
 
     def search(self, q: str) -> list[dict]:
+        """The organic results for the query string as sent (site restriction included)."""
         import requests
 
         key = os.environ.get(self.key_env, "")
@@ -170,7 +176,7 @@ class SearchAPI:
             except requests.RequestException as err:
                 problem = f"unreachable ({redact(str(err), key)[:200]})"
             else:
-                self.stats["requests"] += 1
+                self._count("requests")
                 if resp.status_code == 200:
                     try:
                         return organic_results(resp.json())
@@ -186,7 +192,7 @@ class SearchAPI:
             if attempt == self.retries:
                 raise WebSearchError(f"search API {self.url}: {problem} after {attempt + 1} attempts for query "
                                      f"{q!r}".replace("\n", " "))
-            self.stats["retries"] += 1
+            self._count("retries")
             self.sleep(min(wait if wait is not None else self.backoff_s * 2 ** attempt, 60.0))
         raise AssertionError("unreachable")
 

@@ -349,7 +349,7 @@ def _grpo_trainer_class():
             self._mem_set: list[M.MemoryExample] = []
             self._mem_tokens = 0
             self._mem_acc = [0.0, 0]
-            self._mem_empty_steps = 0
+            self._mem_history: list[tuple[int, int]] = []  # (set tokens over all ranks, candidates) per step
             self._rewards_per_func = None
             self._env_masks: list[list[int]] | None = None
             self._rollout_ids: list[tuple[list[int], list[int]]] | None = None
@@ -556,14 +556,14 @@ def _grpo_trainer_class():
                 else int(local.item())
             self._metrics["train"]["memorization/candidates"].append(counts["candidates"])
             self._metrics["train"]["memorization/size"].append(counts["accepted"])
-            self._mem_empty_steps = 0 if self._mem_tokens else self._mem_empty_steps + 1
+            self._mem_history.append((self._mem_tokens, counts["candidates"]))
+            sizes, offered = zip(*self._mem_history, strict=True)
             n = self.rl_cfg.memorization_warn_steps
-            if self._mem_empty_steps == n or (self._mem_empty_steps > n and self._mem_empty_steps % (5 * n) == 0):
-                log.warning("rl: MEMORIZATION IS DOING NOTHING: rl.memorization is on (rewriter %s) but the "
-                            "memorization set has been empty for %d steps in a row (%d candidate rollouts "
-                            "this step: correct and searched). This run trains like rl.memorization: false; "
-                            "check rl.rewriter against your data (the oracle needs gold evidence)",
-                            self.rewriter_kind, self._mem_empty_steps, counts["candidates"])
+            empty_run = next((i for i, size in enumerate(reversed(sizes)) if size), len(sizes))
+            if empty_run == n or (empty_run > n and empty_run % (5 * n) == 0):  # once, then now and then
+                warning = M.empty_set_warning(list(sizes), list(offered), empty_run, self.rewriter_kind)
+                if warning:
+                    log.warning("rl: %s", warning)
 
         # -- rewards and advantages
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -858,7 +858,7 @@ def _grpo_args(cfg: RlCfg, phase: RlPhaseCfg, out_dir: Path, seed: int, max_toke
                                        else cfg.importance_sampling),
         vllm_importance_sampling_clip_max=cfg.importance_sampling_cap,
         vllm_importance_sampling_clip_min=cfg.importance_sampling_min,
-        use_cpu=not on_gpu, bf16=on_gpu, gradient_checkpointing=on_gpu and cfg.gradient_checkpointing,
+        use_cpu=not on_gpu, bf16=on_gpu, gradient_checkpointing=cfg.gradient_checkpointing,
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         model_init_kwargs={"dtype": "bfloat16" if on_gpu else "float32"},
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,

@@ -44,7 +44,7 @@ def host_path(source: str, env: dict[str, str] | None = None) -> Path:
 def test_servers_publish_on_loopback_only():
     services = compose()["services"]
     published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
-    assert set(published) == {"mlflow", "prefect"}
+    assert set(published) == {"mlflow", "prefect", "retrieval"}
     for name, ports in published.items():
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
@@ -64,7 +64,7 @@ def test_volumes_resolve_beside_the_repository():
     # in the container, presets' ../shared/data (relative to the project root /app) lands in the mount
     assert posixpath.normpath(posixpath.join(pipeline["working_dir"], "../shared")) == "/shared"
     # the pipeline's outputs are the repository's own folders
-    for target in ("/app/data", "/app/models", "/app/reports", "/app/runs"):
+    for target in ("/app/data", "/app/models", "/app/reports", "/app/runs", "/app/.dvc/cache"):
         assert host_path(mounts[target]) == PROJECT_ROOT / target.removeprefix("/app/")
 
 
@@ -117,3 +117,20 @@ def test_compose_mlflow_server_accepts_the_pipeline_containers_host(tmp_path):
         assert get(api, "attacker.example:5000") == 403  # DNS-rebinding protection stays on
     finally:
         stop(proc)
+
+
+def test_retrieval_service_serves_the_default_index_on_loopback():
+    svc = compose()["services"]["retrieval"]
+    argv = shlex.split(interpolate(svc["command"], {}))
+    assert argv[:3] == ["python", "-m", "searchrl.retrieval.serve"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    # inside the container it listens on every interface, published on the host's loopback only
+    assert flags["--host"] == "0.0.0.0" and svc["ports"] == [f"127.0.0.1:{flags['--port']}:{flags['--port']}"]
+    assert flags["--index"] == "data/index"  # the default params' index.out_dir, in the mounted data folder
+    assert "../data:/app/data" in svc["volumes"] and svc["working_dir"] == "/app"
+    assert svc["depends_on"] == {} and "8765/health" in " ".join(svc["healthcheck"]["test"])
+    from searchrl.retrieval.serve import main
+
+    with pytest.raises(SystemExit) as exc:  # the command's flags are the server's own
+        main([*argv[3:], "--help"])
+    assert exc.value.code == 0

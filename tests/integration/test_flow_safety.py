@@ -87,6 +87,24 @@ def test_a_stage_names_a_bad_model_key_and_exits_2(pipeline_env, tmp_path):
     assert "Traceback" not in out.stderr and not (pipeline_env / "mlflow.db").exists()
 
 
+def test_a_finished_flow_exits_at_once_without_log_errors(pipeline_env):
+    """The temporary Prefect server is stopped only after Prefect's workers sent the flow's last log lines
+    (flows/server.py deliver_pending): before, they retried against the stopped server for over a minute
+    after "Finished in state Completed()" and then printed "Error logging to API"."""
+    import datetime as dt
+    import re
+
+    out = flow_cli("--preset", "configs/smoke.yaml", *CHEAP, timeout=600)
+    exited = dt.datetime.now()
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "Error logging to API" not in log
+    [stamp] = re.findall(r"^(\d\d:\d\d:\d\d\.\d+) \| INFO +\| Flow run '[^']+' - Finished in state Completed\(\)", log,
+                         re.M)
+    finished = dt.datetime.combine(exited.date(), dt.time.fromisoformat(stamp))
+    assert (exited - finished).total_seconds() % 86400 < 20, f"exited {exited:%H:%M:%S}, flow finished {stamp}"
+
+
 def test_a_tracking_server_that_is_down_stops_the_flow_at_once(pipeline_env):
     from tests.integration.test_deployment import free_port
 

@@ -249,7 +249,7 @@ def test_memorization_that_stays_empty_warns_loudly(tmp_path, tiny_model_dir, ca
     with caplog.at_level(logging.WARNING, logger="searchrl.training.rl"):
         for _ in range(2):
             trainer._build_memorization_set(no_hops, [True], None)
-    assert "MEMORIZATION IS DOING NOTHING" in caplog.text and "2 steps in a row" in caplog.text
+    assert "empty for 2 steps" in caplog.text and "the memorization loss is doing nothing" in caplog.text
 
 
 # ----------------------------------------------------------------------------- 5. nothing deleted early

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -234,7 +235,7 @@ def test_search_rollouts_through_the_served_policy(searcher, smollm2_tokenizer, 
     as the in-process HF backend's. Evaluation and rejection sampling run on the same backend."""
     from transformers import AutoModelForCausalLM
 
-    from searchrl.agent.backends import HFBackend
+    from searchrl.agent.backends import HFBackend, make_backend
     from searchrl.agent.engine import run_rollouts
     from searchrl.agent.fakes import KeywordRetriever
     from searchrl.agent.protocols import get_protocol
@@ -254,7 +255,8 @@ def test_search_rollouts_through_the_served_policy(searcher, smollm2_tokenizer, 
                                seed=7, agent_cfg=agent_cfg())
         # evaluation and rejection sampling against the served policy (agent.backend: vllm_server)
         cfg = agent_cfg(backend="vllm_server", vllm_server_url=f"http://127.0.0.1:{port}")
-        served = VLLMServerBackend.from_config(cfg, tok, policy_model=str(model_dir))
+        served = make_backend(SimpleNamespace(model=str(model_dir)), cfg, tokenizer=tok)  # what the stages call
+        assert isinstance(served, VLLMServerBackend) and served.model == str(model_dir)
         record = QARecord("q1", "toy", "train", QUESTION, ["Mira Quell"])
         [pred] = predict_agent(served, KeywordRetriever(CORPUS), [record], "r1searcher_pp", cfg, "agent_r1searcher_pp")
         result = run_sampling([record], ["policy"], lambda name: served, KeywordRetriever(CORPUS),

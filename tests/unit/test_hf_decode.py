@@ -90,6 +90,32 @@ def test_grouped_query_rows_equal_sdpa(S):
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
 
 
+def test_packed_groups_equal_separate_attention():
+    """A packed sequence (2 decode tokens of slots 0-1, then 2 prompts x 3 tokens of slots 2-3) gives,
+    token for token, what each group's own attention call gives."""
+    import torch
+
+    from searchrl.agent.attention import gqa_sdpa_attention
+
+    g = torch.Generator().manual_seed(1)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    H, hkv, D, W = 6, 2, 8, 12
+    key, value = torch.randn(4, hkv, W, D, generator=g), torch.randn(4, hkv, W, D, generator=g)
+    query = torch.randn(1, H, 2 + 2 * 3, D, generator=g)
+    cols = torch.arange(W)
+    dmask = (cols[None, :] <= torch.tensor([7, 4])[:, None])[:, None, None]  # [2, 1, 1, W]
+    ppos = torch.tensor([[5, 6, 7], [2, 3, 4]])
+    pmask = (cols[None, None, :] <= ppos[:, :, None])[:, None]  # [2, 1, 3, W]
+    out, _ = gqa_sdpa_attention(module, query, key, value, dmask,
+                                packed=((0, 2, 1, 0, W, dmask), (2, 2, 3, 2, W, pmask)))
+    assert out.shape == (1, 8, H, D)
+    dec, _ = gqa_sdpa_attention(module, query[0, :, :2, None].transpose(0, 1), key[:2], value[:2], dmask)
+    pre, _ = gqa_sdpa_attention(module, query[0, :, 2:].unflatten(1, (2, 3)).transpose(0, 1), key[2:], value[2:],
+                                pmask)
+    assert torch.equal(out[0, :2], dec[:, 0]) and torch.equal(out[0, 2:], pre.flatten(0, 1))
+
+
 def test_gqa_attention_context_restores_the_model(model):
     from searchrl.agent.attention import NAME, gqa_attention
 

@@ -36,3 +36,12 @@ def test_make_run_does_not_install_test_only_packages(tmp_path):
     assert "openai-whisper" not in run and ".[dev]" not in run
     test = make_dry_run("test", tmp_path)
     assert "--no-deps openai-whisper" in test and ".[dev]" in test
+
+
+def test_params_and_presets_have_no_duplicate_keys():
+    """A section written twice is silently merged away by PyYAML (the last one wins) but refused by
+    DVC's parser (ruamel), which stops every `dvc repro`: params.yaml and every preset parse strictly."""
+    from ruamel.yaml import YAML
+
+    for path in [PROJECT_ROOT / "params.yaml", *sorted((PROJECT_ROOT / "configs").glob("*.yaml"))]:
+        YAML(typ="safe").load(path.read_text(encoding="utf-8"))  # DuplicateKeyError names the key and lines

@@ -44,8 +44,12 @@ def cfg(url: str, **kw) -> JudgeCfg:
 # ----------------------------------------------------------------------------- pure parts
 @pytest.mark.parametrize("reply, verdict", [
     ("True", True), ("False", False), (" true\n", True), ("**False.**", False), ('"True"', True),
-    ("The answer is True.", True), ("False. The prediction names another city.", False),
-    ("Maybe", None), ("", None), (None, None), ("True or False?", None), ("Correct", None)])
+    ("False. The prediction names another city.", False), ("True\n\nBecause both name him.", True),
+    ("(True)", True), ("TRUE!", True), ("True - same person", True),
+    # not a verdict: a sentence around the word, an echo of the instruction, both words, neither
+    ("The answer is True.", None), ("True if the predicted answer is correct", None), ("True or False?", None),
+    ("True, but it is false", None), ("Trueish", None), ("Maybe", None), ("", None), (None, None),
+    ("Correct", None)])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) is verdict
 
@@ -238,3 +242,13 @@ def test_the_judge_key_variable_is_scrubbed_from_mlflow(tmp_path, monkeypatch):
     assert tracking.scrub("x bearer-judge-0123456789") == "x bearer-judge-0123456789"
     tracking.configure(params)
     assert tracking.scrub("x bearer-judge-0123456789") == "x ***"
+
+
+def test_the_flow_checks_the_judge_key_before_any_stage(pipeline_env, monkeypatch):
+    from flows.pipeline import check_before_run
+
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    overrides = ["evaluate.judge.backend=openai", "evaluate.judge.api_key_env=JUDGE_KEY"]
+    with pytest.raises(ConfigError, match="JUDGE_KEY"):
+        check_before_run(None, overrides, None, server=False)
+    check_before_run(None, overrides, ["prepare"], server=False)  # a run without evaluate needs no key

@@ -14,7 +14,8 @@ from searchrl.agent.protocols import PROTOCOLS, R1Searcher, SearchR1, ToolCall, 
 from searchrl.agent.protocols.r1searcher import R1_REFERENCE_BASE, R1_REFERENCE_SYSTEM
 from searchrl.agent.protocols.search_r1 import SEARCH_R1_PROMPT
 from searchrl.agent.trajectory import Segment, Trajectory
-from searchrl.config import EVAL_METHODS, PROTOCOLS as CONFIG_PROTOCOLS, AgentCfg, ProtocolName, RlCfg
+from searchrl.config import EVAL_METHODS, AgentCfg, ProtocolName, RlCfg
+from searchrl.config import PROTOCOLS as CONFIG_PROTOCOLS
 from searchrl.errors import ConfigError
 from searchrl.retrieval.base import Hit
 from tests.chat_templates import with_tool_template
@@ -268,3 +269,19 @@ def test_documents_frame_cannot_be_closed_by_passages(name):
         + block + "and more"
     parts = proto.split_text(rendered)
     assert [r for r, _ in parts] == ["model", "env", "model"] and parts[1][1] == block
+
+
+def test_reference_plain_prompts_start_with_the_bos_a_text_prompt_gets(gpt2):
+    """vLLM (the reference's engine) tokenises a text prompt with the tokenizer's special tokens: a
+    Llama-style tokenizer puts BOS first. A GPT-2 copy that adds one stands in for it."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(gpt2)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                             special_tokens=[("<|endoftext|>", 50256)])
+    assert tok.encode("a") == [50256, 64]
+    for proto in (R1Searcher(prompt_style="reference_base"), SR1):
+        _, ids = proto.prompt_ids(tok, "Who founded Zorvath Inc?")
+        assert ids[0] == 50256 and ids[1:] == proto.prompt_ids(gpt2, "Who founded Zorvath Inc?")[1]

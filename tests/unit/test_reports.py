@@ -45,7 +45,7 @@ def test_report_markdown_has_the_three_parts():
     assert "## Main table" in text and "## All metrics" in text and "## Paired comparisons" in text
     assert "| hotpotqa | rl - direct | 500 | +33.0 [+28.0, +38.0]* | +1.44 |" in text
     assert "| bamboogle | rl - direct | 125 | +2.0 [-3.0, +7.0] | – |" in text  # includes 0: no star
-    assert "1 unparseable replies of 9" in text
+    assert "1 of 9 predictions got a reply neither True nor False" in text
     assert "60.8 [52.0, 68.0]" in text  # the interval in the full table
 
 

@@ -56,7 +56,11 @@ def fake_python(folder: Path, version: str) -> Path:
 def make_n(*args: str) -> subprocess.CompletedProcess:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # under `make test` the parent make's MAKELEVEL/MAKEFLAGS would make this one print
+    # "make[1]: Entering directory" lines between the recipe lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.13", ""])

@@ -234,3 +234,19 @@ def test_a_run_holding_the_workspace_makes_the_next_one_wait(project):
     assert second.returncode == 0, err
     assert "in use by another run; waiting" in err
     assert yaml.safe_load((first / "params.yaml").read_text())["evaluate"]["top_k"] == 9
+
+
+def test_workspaces_share_the_projects_dvc_cache(project, monkeypatch, tmp_path):
+    """Every workspace's DVC cache (and with it the run-cache) is the project's own, or
+    SEARCHRL_DVC_CACHE: searchrl.runcache restores a stage one workspace ran in another."""
+    from dvc.config import Config
+
+    monkeypatch.delenv("SEARCHRL_DVC_CACHE", raising=False)
+    a = make_workspace("configs/tiny.yaml", [], root=project)
+    b = make_workspace(None, ["evaluate.top_k=3"], root=project)
+    for ws in (a, b):
+        assert Path(Config(dvc_dir=str(ws / ".dvc"))["cache"]["dir"]) == (project / ".dvc" / "cache").resolve()
+
+    monkeypatch.setenv("SEARCHRL_DVC_CACHE", str(tmp_path / "elsewhere"))
+    a = make_workspace("configs/tiny.yaml", [], root=project)  # refreshed: the setting follows the variable
+    assert Path(Config(dvc_dir=str(a / ".dvc"))["cache"]["dir"]) == (tmp_path / "elsewhere").resolve()

@@ -1,0 +1,71 @@
+"""Benchmarks build or verify exactly the input they report: bench_search.py never measures whatever
+index an earlier benchmark left in its folder (it did: 4,096 or ~55k paragraphs where the result said
+8,192)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+pytestmark = pytest.mark.slow  # loads the embedded MiniLM encoder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = [{"title": f"Title {i}", "text": f"Paragraph number {i} about topic {i % 3}."} for i in range(12)]
+    (folder / "wiki.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_bench_search_builds_then_verifies_exactly_its_input(corpus_dir, tmp_path):
+    import bench_search
+
+    index_dir = tmp_path / "index"
+    first = bench_search.ensure_index(index_dir, corpus_dir, limit=8, seed=0)
+    assert first["index_built_here"] and first["passages"] == 8
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["n_passages"] == 8 and manifest["corpus_hash"] == first["corpus_hash"]
+
+    again = bench_search.ensure_index(index_dir, corpus_dir, limit=8, seed=0)  # the same input: reused
+    assert not again["index_built_here"] and again["corpus_hash"] == first["corpus_hash"]
+
+    # what an earlier benchmark left in the folder (another sample, another size) is rebuilt, not measured
+    other_seed = bench_search.ensure_index(index_dir, corpus_dir, limit=8, seed=1)
+    assert other_seed["index_built_here"] and other_seed["corpus_hash"] != first["corpus_hash"]
+    everything = bench_search.ensure_index(index_dir, corpus_dir, limit=0, seed=0)
+    assert everything["index_built_here"] and everything["passages"] == 12
+    assert json.loads((index_dir / "manifest.json").read_text())["n_passages"] == 12
+
+
+def test_the_recorded_search_result_names_its_input():
+    """bench/results/search.json was measured on the default input, and says which: the 8,192-paragraph
+    seed-0 sample, the index's corpus hash equal to that sample's."""
+    import bench_search
+
+    recorded = json.loads((ROOT / "bench" / "results" / "search.json").read_text())
+    assert recorded["command"].startswith("python bench/bench_search.py")
+    assert "--limit" not in recorded["command"] and "--seed" not in recorded["command"]
+    corpus = recorded["corpus"]
+    assert (corpus["limit"], corpus["seed"], corpus["passages"]) == (bench_search.DEFAULT_LIMIT, 0, bench_search.DEFAULT_LIMIT)
+    assert recorded["index"]["passages"] == corpus["passages"]
+    assert recorded["index"]["corpus_hash"] == corpus["corpus_hash"]
+
+
+@pytest.mark.shared_data
+def test_the_recorded_corpus_hash_is_the_default_sample_of_the_shared_corpus(shared_data):
+    import bench_search
+    from bench_index import load_corpus
+
+    from searchrl.retrieval.index import corpus_hash, read_passages
+
+    recorded = json.loads((ROOT / "bench" / "results" / "search.json").read_text())
+    sample = load_corpus(shared_data / "corpus", bench_search.DEFAULT_LIMIT, 0)
+    assert corpus_hash(read_passages(sample)) == recorded["corpus"]["corpus_hash"]
