@@ -52,6 +52,20 @@ def check_device(value: str) -> str:
 Device = Annotated[str, AfterValidator(check_device)]
 
 
+def check_file_path(value: str) -> str:
+    """A cache or store file (SQLite, JSON): not a directory (checked against the project and the
+    current workspace when params load; the stores check again when they open)."""
+    from searchrl.io import file_path_problem
+
+    problem = file_path_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+FilePath = Annotated[str, AfterValidator(check_file_path)]
+
+
 class PolicyCfg(Section):
     model: str = "smollm2-135m-instruct"  # embedded alias, hub id, or local dir
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -85,7 +99,7 @@ class AgentCfg(Section):
     max_passage_words: int = Field(120, ge=1)
     top_k: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
-    cache_path: str = "data/cache/retrieval.sqlite"
+    cache_path: FilePath = "data/cache/retrieval.sqlite"
     # a retrieval call that raises is retried this many times (exponential backoff from
     # retrieval_backoff_s, with jitter) before the stage stops with one line naming index and query
     retrieval_retries: int = Field(3, ge=0)
@@ -124,7 +138,7 @@ class ProbeCfg(Section):
     enabled: bool = True
     max_new_tokens: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
-    cache_path: str = "data/cache/probe.json"
+    cache_path: FilePath = "data/cache/probe.json"
 
 
 class KnowledgeWorldCfg(Section):
@@ -267,7 +281,7 @@ class WebSearchCfg(Section):
     from it alone, offline, bit for bit. Keys are read from the environment variables named here."""
 
     mode: Literal["online", "replay"] = "online"
-    replay_path: str = "data/web/replay.sqlite"
+    replay_path: FilePath = "data/web/replay.sqlite"
     search_url: str = "https://google.serper.dev/search"
     search_key_env: str = "SERPER_API_KEY"
     site: str = "en.wikipedia.org"  # appended as " site:<site>" (the reference's); "" = the whole web
@@ -568,7 +582,7 @@ class JudgeCfg(Section):
     max_tokens: int = Field(1024, ge=1)  # the reference's; a local model needs only a few
     temperature: float | None = Field(None, ge=0)  # None = the endpoint's default, as the reference
     batch_size: int = Field(16, ge=1)  # local only
-    cache_path: str = "data/cache/judge.sqlite"  # verdicts by (model, prompt version, question, golds, prediction)
+    cache_path: FilePath = "data/cache/judge.sqlite"  # verdicts by (model, prompt version, question, golds, prediction)
 
     @model_validator(mode="after")
     def _endpoint(self) -> JudgeCfg:

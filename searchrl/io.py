@@ -19,12 +19,13 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from searchrl.errors import InputError
+from searchrl.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,31 @@ def sweep_stale(final: str | os.PathLike) -> list[Path]:
         log.info("removed %s, left by a process that no longer runs", sibling)
         removed.append(sibling)
     return removed
+
+
+def file_path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a cache or store file (None when it can): an existing directory, or a path
+    written as one (ending in a slash)."""
+    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
+        return f"'{path}' is a directory: name a file in it, e.g. '{Path(path) / 'cache.sqlite'}'"
+    return None
+
+
+def open_sqlite(path: Path, key: str, **connect_kw) -> sqlite3.Connection:
+    """`sqlite3.connect(path)` for a cache or store that the config key `key` names; a path that cannot
+    be a database file (a directory, an unwritable or missing folder) is one ConfigError naming both."""
+    problem = file_path_problem(path)
+    try:
+        if problem is None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, **connect_kw)
+            conn.execute("PRAGMA schema_version").fetchone()  # opens the file now, not at first use
+            return conn
+    except (OSError, sqlite3.OperationalError) as err:
+        if isinstance(err, sqlite3.OperationalError) and "unable to open" not in str(err):
+            raise
+        problem = f"cannot open '{path}' ({err})"
+    raise ConfigError(f"{key}: {problem}")
 
 
 def quarantine(path: str | os.PathLike, reason: str, sidecars: tuple[str, ...] = ()) -> Path:

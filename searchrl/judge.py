@@ -43,8 +43,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from searchrl.agent.protocols import strip_control_text
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.io import quarantine
+from searchrl.io import open_sqlite, quarantine
 from searchrl.metrics import bool_mapping
 from searchrl.openai_http import OpenAIClient
 
@@ -74,8 +75,9 @@ def map_golds(golds: Sequence[str] | str) -> list[str]:
 
 
 def _one_line(text: str) -> str:
-    # the fields are untrusted: a newline inside one must not start a line that looks like another field
-    return " ".join(str(text).split())
+    # the fields are untrusted: a newline inside one must not start a line that looks like another field,
+    # and nothing in them may become a control token of the judge's chat template
+    return " ".join(strip_control_text(str(text)).split())
 
 
 def judge_prompt(question: str, golds: Sequence[str] | str, prediction: str) -> str:
@@ -163,7 +165,6 @@ class JudgeCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = self._open()
         except sqlite3.DatabaseError as err:
@@ -171,7 +172,7 @@ class JudgeCache:
             self.conn = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn = open_sqlite(self.path, "evaluate.judge.cache_path", timeout=60, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(SCHEMA)

@@ -80,3 +80,15 @@ def run_stage(stage: str, fn: Callable[[Params], None], inputs: list[str] = (),
     except SearchRLError as err:
         print(f"\n{stage}: error: {err}\n", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if not type(err).__module__.startswith("mlflow"):
+            raise
+        # the tracking server failed mid-stage (it passed the start-up health check): one line
+        import mlflow
+
+        from searchrl.tracking import scrub
+
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        print(f"\n{stage}: error: MLflow tracking at {scrub(mlflow.get_tracking_uri())} "
+              f"failed: {scrub(first)[:300]}\n", file=sys.stderr)
+        sys.exit(2)

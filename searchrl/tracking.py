@@ -79,6 +79,12 @@ _OFFLINE_ENV = {
     "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",  # no `pip install --dry-run` when logging models
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # a server that passes /health and then fails: MLflow's defaults (7 retries, backoff factor 2, 120 s
+    # timeout) hang a stage for minutes; these give up in ~10 s (each can be set in the environment)
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH(?!OR)", re.IGNORECASE)  # not GIT_AUTHOR_*
 _URL_USERINFO = re.compile(r"(?<=://)[^/\s@:]+:[^/\s@]+(?=@)")
@@ -140,7 +146,17 @@ def configure(params: Params) -> str:
 
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
-    exp = mlflow.get_experiment_by_name(name)
+    if uri.startswith("sqlite:///"):
+        # a fresh store is created and migrated by the first process that touches it: two stages of
+        # different presets doing that at once race in alembic ("duplicate column name")
+        from filelock import FileLock
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(db.with_name(f".{db.name}.init.lock")):
+            exp = mlflow.get_experiment_by_name(name)
+    else:
+        exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         location = None
         if uri.startswith("sqlite:///"):  # else mlflow would use ./mlruns of the current directory

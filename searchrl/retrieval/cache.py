@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from searchrl.io import quarantine
+from searchrl.io import open_sqlite, quarantine
 from searchrl.retrieval.base import Hit, Retriever
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class CachedRetriever:
             raise ValueError(f"manifest_hash {manifest_hash} does not match the retriever's "
                              f"{retriever.manifest_hash}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._load_lock = threading.Lock()
         self.hits = self.misses = 0
@@ -96,7 +95,7 @@ class CachedRetriever:
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn = open_sqlite(self.path, "agent.cache_path", timeout=60, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")

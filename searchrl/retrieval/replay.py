@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from searchrl.errors import ConfigError, SearchRLError
+from searchrl.io import open_sqlite
 
 SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -78,8 +79,7 @@ class ReplayStore:
                                   "retrieval.web.mode: online)")
             self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db = open_sqlite(self.path, "retrieval.web.replay_path", check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))

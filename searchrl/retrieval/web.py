@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from searchrl.agent.protocols import strip_control_text
 from searchrl.errors import ConfigError, SearchRLError
 from searchrl.openai_http import RETRY_STATUS, OpenAIClient, redact, retry_after_s
 from searchrl.retrieval.base import Hit
@@ -95,7 +96,9 @@ def organic_results(reply: dict) -> list[dict]:
 
 
 def summary_prompt(query: str, url: str, text: str, max_chars: int) -> str:
-    return SUMMARY_PROMPT.format(query=query, url=url, page=text[:max_chars])
+    # page text and query are untrusted: no control token of the summariser's chat template
+    return SUMMARY_PROMPT.format(query=strip_control_text(query), url=strip_control_text(url),
+                                 page=strip_control_text(text)[:max_chars])
 
 
 def parse_summary(reply: str) -> str | None:

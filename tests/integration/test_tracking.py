@@ -302,6 +302,58 @@ def test_a_tracking_server_that_is_down_fails_fast_naming_it(project, monkeypatc
     assert last.startswith("searchrl.errors.TrackingError: MLflow tracking server " + uri + " is not reachable")
 
 
+def test_a_tracking_server_that_fails_after_its_health_check_is_one_line_not_a_hang(project, monkeypatch):
+    """/health answers 200, every API call 503: the stage hung in MLflow's retry backoff (7 retries,
+    factor 2, 120 s timeouts) past two minutes; now it gives up in seconds with one line naming the URI."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def reply(self):
+            self.send_response(200 if self.path.rstrip("/").endswith("/health") else 503)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        do_GET = do_POST = do_PATCH = reply
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    Path("params.yaml").write_text("seed: 0\n")
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-c", "from searchrl.stage import run_stage\n"
+                              "run_stage('index', lambda params: None)\n"], capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert time.monotonic() - t0 < 60
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().startswith(f"index: error: MLflow tracking at {uri} failed: ")
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_two_stages_creating_a_fresh_sqlite_store_at_once_both_succeed(project, tmp_path):
+    """Two presets' stages touching a new mlflow.db at the same moment raced in alembic's migrations
+    (`duplicate column name: step`, 2 of 2 tries); the store's creation is now under a file lock."""
+    db = tmp_path / "fresh" / "mlflow.db"
+    code = ("import sys; from searchrl.config import Params; from searchrl.tracking import stage_run\n"
+            "p = Params(); p.tracking.uri = sys.argv[1]\n"
+            "with stage_run(sys.argv[2], p): pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}", stage], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for stage in ("prepare", "index", "sample")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0, 0], [err[-1500:] for _, err in results]
+    runs = MlflowClient(f"sqlite:///{db}").search_runs([e.experiment_id for e in
+                                                        MlflowClient(f"sqlite:///{db}").search_experiments()])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["index", "prepare", "sample"]
+
+
 # ----------------------------------------------------------------------------- killed runs
 KILLED_STAGE = """
 import os, signal, sys

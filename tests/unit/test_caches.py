@@ -9,9 +9,14 @@ import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from searchrl.agent.fakes import KeywordRetriever
+from searchrl.errors import ConfigError
+from searchrl.judge import JudgeCache
 from searchrl.retrieval.base import Hit
 from searchrl.retrieval.cache import CachedRetriever
+from searchrl.retrieval.replay import ReplayStore
 
 GARBAGE = b"this is not a database, just bytes left by a crashed disk " * 40
 
@@ -102,3 +107,37 @@ def test_token_order_cache_that_is_damaged_is_moved_aside_and_recounted(tmp_path
     assert order.tolist() == [2, 0, 3, 1]
     assert len(damaged(path)) == 1 and str(path) in caplog.text
     assert np.load(path).tolist() == [2, 0, 3, 1]
+
+
+# ----------------------------------------------------------------------------- unusable paths
+# A cache or store path that cannot be a database file is one line naming the key and the path, at
+# params load and when the store opens (it was `sqlite3.OperationalError: unable to open database file`,
+# no path, from deep inside a stage; the judge cache even moved the directory aside as "damaged").
+def test_a_directory_as_a_cache_path_is_one_line_naming_the_key(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    retriever = KeywordRetriever([("p1", "T", "some text")])
+    for make, key in ((lambda: CachedRetriever(retriever, folder), "agent.cache_path"),
+                      (lambda: JudgeCache(folder), "evaluate.judge.cache_path"),
+                      (lambda: ReplayStore(folder), "retrieval.web.replay_path")):
+        with pytest.raises(ConfigError) as err:
+            make()
+        assert str(err.value).startswith(f"{key}: '{folder}' is a directory")
+        assert folder.is_dir() and not list(folder.iterdir())  # nothing moved aside, nothing written
+
+
+def test_a_cache_under_a_file_is_one_line(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"^agent.cache_path: cannot open .*not_a_dir/retrieval.sqlite"):
+        CachedRetriever(KeywordRetriever([("p1", "T", "t")]), blocker / "retrieval.sqlite")
+
+
+def test_params_with_a_directory_as_cache_path_fail_at_load(tmp_path, monkeypatch):
+    from searchrl.config import load_params
+    from tests.conftest import PROJECT_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    with pytest.raises(Exception, match="agent.cache_path.*is a directory"):
+        load_params(PROJECT_ROOT / "params.yaml", overrides=["agent.cache_path=data/cache"])

@@ -62,6 +62,21 @@ def test_sanitize_keeps_ordinary_text_and_extra_special_tokens():
 def test_truncate_and_clean_query():
     assert truncate_words("a b c d e", 3) == "a b c ..."
     assert truncate_words("a b", 3) == "a b"
+
+
+def test_a_passage_without_spaces_is_bounded_in_characters_and_tokens(smollm2_tokenizer):
+    """One 15,000-character "word" passed a 120-word cap whole (~15k tokens in a 1,024-token budget)."""
+    from searchrl.agent.protocols import passage_view
+    from searchrl.agent.protocols.base import CHARS_PER_WORD
+
+    hostile = "hostile " + "x9Q" * 5000
+    title, body = passage_view("", hostile, 120)
+    assert len(body) <= CHARS_PER_WORD * 120 + 4 and body.endswith(" ...")
+    assert len(smollm2_tokenizer(body)["input_ids"]) <= CHARS_PER_WORD * 120 + 4  # was ~15,000
+    title, body = passage_view("T" * 5000, "short text", 120)  # a title of one huge word is dropped
+    assert (title, body) == ("", "short text")
+    normal = " ".join(["passage"] * 119)  # ordinary words are never cut by the character bound
+    assert truncate_words(normal, 120) == normal
     assert clean_query(' "Who\tfounded"  \'Zorvath\' ... Inc ') == "Who founded Zorvath Inc"
     long = "word " * 100
     q = clean_query(long, max_chars=20)

@@ -25,6 +25,7 @@ from searchrl.agent.protocols.base import (
     clean_query,
     passage_view,
     sanitize_passage,
+    strip_control_text,
     truncate_words,
     word_count,
 )
@@ -34,7 +35,7 @@ from searchrl.agent.protocols.tool_call import SEARCH_TOOL, ToolCall
 
 __all__ = ["CJK_RE", "PP_SYSTEM", "PROTOCOLS", "QUERY_CLEANING", "R1_SYSTEM", "SEARCH_TOOL", "Action", "Protocol",
            "R1Searcher", "R1SearcherPP", "SearchR1", "ToolCall", "clean_query", "get_protocol", "passage_view",
-           "sanitize_passage", "truncate_words", "word_count"]
+           "sanitize_passage", "strip_control_text", "truncate_words", "word_count"]
 
 PROTOCOLS: dict[str, type[Protocol]] = {"r1searcher_pp": R1SearcherPP, "r1searcher": R1Searcher,
                                         "search_r1": SearchR1, "tool_call": ToolCall}

@@ -54,20 +54,46 @@ def sanitize_passage(text: str, extra_tokens: tuple[str, ...] | list[str] = ()) 
     return text
 
 
+CHARS_PER_WORD = 8  # a passage's character bound per word of its cap (English averages ~6 with the space)
+
+
+_SENTENCE_TOKEN_RE = re.compile(r"</?s>|\[/?INST\]|<<\s*/?SYS\s*>>")  # Llama-2 / Mistral control text
+
+
+def strip_control_text(text: str) -> str:
+    """Untrusted text bound for a model whose tokenizer we do not hold (an HTTP judge or summariser):
+    remove what chat templates parse as control tokens there (`<|im_end|>`, `<|eot_id|>` and every other
+    `<|...|>`, `<s>`/`</s>`, `[INST]`, `<<SYS>>`), repeatedly, so removing one cannot join another."""
+    prev = None
+    while prev != text:
+        prev = text
+        text = _SENTENCE_TOKEN_RE.sub(" ", _BAR_TAG_RE.sub(" ", text))
+    return text
+
+
 def truncate_words(text: str, max_words: int) -> str:
+    """At most `max_words` words and `CHARS_PER_WORD * max_words` characters (a longer text ends with
+    " ..."). The character bound is what keeps a passage's tokens bounded when its "words" are not
+    words (one 15,000-character run without spaces, a table without spaces): a BPE token covers at least
+    one character, so a passage is at most ~8 x max_words tokens whatever its text."""
     words = text.split()
-    return text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
+    cut = text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
+    max_chars = CHARS_PER_WORD * max_words
+    if len(cut) <= max_chars + 4:  # + the " ..." of a word cut
+        return cut
+    return cut[:max_chars].rstrip() + " ..."
 
 
 def passage_view(title: str, text: str, max_words: int, extra_tokens=()) -> tuple[str, str]:
     """(title, text) of one retrieved passage as a model sees it: sanitised, and at most `max_words`
-    words of title and text together (a longer text ends with " ..."). A title that would fill the
+    words of title and text together (a longer text ends with " ..."; `truncate_words` also bounds the
+    characters, and a title longer than the cap's characters is dropped like one of too many words). A title that would fill the
     whole cap (a corpus row whose title is its text) is dropped, and so is a title equal to the text:
     the model sees each word once."""
     shown_title = sanitize_passage(title, extra_tokens)
     body = sanitize_passage(passage_body(title, text), extra_tokens)
     n_title = len(shown_title.split())
-    if n_title >= max_words or shown_title == body:
+    if n_title >= max_words or len(shown_title) > CHARS_PER_WORD * max_words // 2 or shown_title == body:
         shown_title, n_title = "", 0
     return shown_title, truncate_words(body, max_words - n_title)
 
