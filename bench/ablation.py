@@ -255,7 +255,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     path = out_dir / "ablation_curves.png"
     fig.savefig(path)
     plt.close(fig)
-    files.append(str(path.relative_to(ROOT)))
+    files.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
 
     metrics = [("f1", "F1"), ("cem", "CEM"), ("rc", "retrievals (RC)"), ("seen_cem_after", "seen facts, closed-book CEM")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(15, 3.8), dpi=120)
@@ -276,7 +276,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     path = out_dir / "ablation_bars.png"
     fig.savefig(path)
     plt.close(fig)
-    files.append(str(path.relative_to(ROOT)))
+    files.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
     return files
 
 
