@@ -10,6 +10,7 @@ from searchrl.agent.fakes import KeywordRetriever, ScriptedBackend
 from searchrl.agent.protocols import get_protocol
 from searchrl.config import RewardCfg, validate
 from searchrl.training import rl as RL
+from searchrl.training import rl_steps as steps
 
 
 def _call(funcs, **kw):
@@ -22,22 +23,22 @@ def test_pp_reward_functions_per_component_and_per_group():
           "answers": [["Lima"]] * 4 + [["Paris"]] * 2,
           "retrievals": [2, 0, 1, 1, 1, 1],
           "format_errors": [[], [], ["answer missing"], [], [], []]}
-    out = _call(RL.reward_functions(RewardCfg(), group_size=4), **kw)
+    out = _call(steps.reward_functions(RewardCfg(), group_size=4), **kw)
     assert out["format"] == [0, 0, -2, 0, 0, 0]
     assert out["answer"] == [1, 1, 0, 0, 1, 1]
     # group 1 (rows 0-3): correct counts {2, 0}, variance 1 -> 2 to the rollout with 0 retrievals;
     # group 2 (rows 4-5): counts {1, 1}, sigma 0 -> nothing
     assert out["group"] == [0, 2.0, 0, 0, 0, 0]
-    names = [f.__name__ for f in RL.reward_functions(RewardCfg(group_reward=False), 4)]
+    names = [f.__name__ for f in steps.reward_functions(RewardCfg(group_reward=False), 4)]
     assert names == ["format", "answer"]
 
 
 def test_r1searcher_reward_functions():
     kw = {"rollout_answer": ["Lima city", None], "answers": [["Lima"], ["Lima"]], "retrievals": [1, 0],
           "format_errors": [[], ["think tags"]]}
-    s1 = _call(RL.reward_functions(RewardCfg(kind="r1searcher_stage1"), 2), **kw)
+    s1 = _call(steps.reward_functions(RewardCfg(kind="r1searcher_stage1"), 2), **kw)
     assert s1 == {"retrieval": [0.5, 0.0], "format": [0.5, 0.0]}
-    s2 = _call(RL.reward_functions(RewardCfg(kind="r1searcher_stage2"), 2), **kw)
+    s2 = _call(steps.reward_functions(RewardCfg(kind="r1searcher_stage2"), 2), **kw)
     assert s2["f1"] == pytest.approx([2 / 3, 0.0]) and s2["format"] == [0.0, -2.0]
 
 
@@ -50,26 +51,26 @@ def test_rollouts_reach_trl_with_documents_masked(smollm2_tokenizer):
                               query_close="</external>")
     retriever = KeywordRetriever([("p1", "Talo Vesk", "Talo Vesk was born in Peru.")])
     trajs = run_rollouts(backend, retriever, pp, [("q1", q)], n=2)
-    out = RL.rollout_output(trajs, pp)
+    out = steps.rollout_output(trajs, pp)
     for ids, mask, t in zip(out["completion_ids"], out["env_mask"], trajs, strict=True):
         env = [i for i, m in zip(ids, mask, strict=True) if m == 0]
         assert tok.decode(env) == t.segments[1].text and "<document>" in t.segments[1].text
         assert len(out["logprobs"][0]) == len(ids)
     assert out["retrievals"] == [1, 1] and out["rollout_answer"] == ["Peru", "Peru"]
     assert out["format_errors"] == [[], []] and out["internal_steps"] == [1, 1]
-    RL.check_document_masking(pp, tok)
-    RL.check_document_masking(get_protocol("r1searcher"), tok)
+    steps.check_document_masking(pp, tok)
+    steps.check_document_masking(get_protocol("r1searcher"), tok)
 
 
 def test_collapse_guard_needs_both_format_and_reward_to_fall():
-    guard = RL.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
+    guard = steps.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
     for step, (f, r) in enumerate([(0.9, 1.0), (0.9, 1.2), (0.8, 1.1)], 1):
         assert guard.update(step, f, r) is None
     assert guard.window_reward() == pytest.approx(1.15)
     assert guard.update(4, 0.8, 0.0) is None  # reward fell, format did not (window format 0.8 vs 0.9)
     msg = guard.update(5, 0.2, -1.0)  # window: format 0.5, reward -0.5 vs best window 0.9 / 1.15
     assert msg is not None and "format-valid rate fell to 0.50" in msg and "best window" in msg
-    guard2 = RL.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
+    guard2 = steps.CollapseGuard(window=2, format_drop=0.3, reward_drop=0.5)
     for step, (f, r) in enumerate([(0.9, 1.0), (0.9, 1.0), (0.1, 0.9), (0.1, 0.9)], 1):
         assert guard2.update(step, f, r) is None  # format fell, reward did not
 
@@ -125,7 +126,7 @@ def test_memorization_metrics_use_the_facts_rl_trained_on(tmp_path):
 
 def test_group_reward_share_counts_groups_with_a_bonus():
     from searchrl.config import RewardCfg
-    from searchrl.training.rl import group_reward_share
+    from searchrl.training.rl_steps import group_reward_share
 
     cfg = RewardCfg()
     # group 1: two correct with 1 and 2 retrievals -> the 1-retrieval one gets 2*sigma^2 = 0.5; group 2: one
