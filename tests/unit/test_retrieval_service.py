@@ -5,6 +5,7 @@ request coalescer (searchrl/retrieval/batching.py) on its own."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -278,3 +279,52 @@ def test_stats_endpoint_counts_batches():
     assert s["ready"] and s["requests"] == 3 and s["queries"] == 6 and s["searches"] == 3
     assert json.loads(json.dumps(s)) == s
     state.close()
+
+
+# ----------------------------------------------------------------------------- a real index, the CLI
+def test_a_bm25_index_is_served_with_its_in_process_hits_and_hash(tmp_path):
+    """The server's loader on a real bm25s index directory (no model needed): the same hits and
+    manifest hash over HTTP as in process."""
+    from searchrl.config import IndexCfg
+    from searchrl.data.schema import Passage
+    from searchrl.retrieval.index import build_index, load_index
+    from searchrl.retrieval.serve import open_index
+
+    build_index([Passage(pid, t, x, "test") for pid, t, x in PASSAGES], IndexCfg(kind="bm25"),
+                tmp_path / "bm25", progress=False)
+    state = ServerState()
+    state.ready(open_index(str(tmp_path / "bm25")))
+    c = TestClient(create_app(state))
+    queries = ["where was Talo Vesk born", "Bantex Labs founded"]
+    body = c.post("/search", json={"queries": queries, "k": 2}).json()
+    local = load_index(tmp_path / "bm25")
+    assert body["manifest_hash"] == local.manifest_hash
+    assert [[h["id"] for h in row] for row in body["hits"]] == [[h.id for h in row] for row in local.search(queries, 2)]
+    assert body["hits"][0][0]["id"] == "p1" and c.get("/manifest").json()["manifest"]["kind"] == "bm25"
+    state.close()
+
+
+def test_the_command_line_binds_loopback_and_sets_the_thread_count_it_was_given(monkeypatch):
+    import faiss
+    import torch
+
+    from searchrl.retrieval import serve as srv
+
+    seen = {}
+
+    def fake_serve(state, host, port, loader=None, access_log=False):
+        seen.update(host=host, port=port, threads=state.settings.threads)
+        return 0
+
+    monkeypatch.setattr(srv, "serve", fake_serve)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    try:
+        assert srv.main(["--index", "unused", "--threads", "1"]) == 0
+        assert seen == {"host": "127.0.0.1", "port": srv.DEFAULT_PORT, "threads": 1}
+        assert faiss.omp_get_max_threads() == 1 and torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    finally:  # this test process keeps its own thread counts
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])

@@ -202,3 +202,8 @@ def test_paper_presets_describe_their_gpu_layouts(shared_data):
     lora = load_params(root / "params.yaml", preset=root / "configs" / "paper_lora.yaml", overrides=no_kilt)
     assert lora.launcher.processes == 1 and not lora.vllm_server.managed
     assert (lora.rl.use_vllm, lora.rl.vllm_mode, lora.sft.use_lora) == (True, "colocate", True)
+    # R1-Searcher's stage-2 questions carry no supporting facts: the presets memorize with a rewriter that
+    # needs none (issue 5/11 item 2), and loading them passed the start-up check that the rewriter fits
+    for p in (paper, lora):
+        assert p.rl.rewriter == "policy" and p.rl.memorization
+

@@ -4,6 +4,7 @@ a tiny llama's training loss goes down, an interrupted run resumes exactly, LoRA
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -329,3 +330,41 @@ def test_lr_scheduler_typo_fails_when_params_are_loaded():
     from searchrl.config import LrScheduler
 
     assert set(get_args(LrScheduler)) == {s.value for s in SchedulerType}
+
+
+def _enumerated_settings(model, prefix=()):
+    """(dotted key, allowed values, is a list) of every Literal-typed setting (or list of Literals)
+    reachable from `model` through nested sections."""
+    from typing import Literal, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann, key = field.annotation, (*prefix, name)
+        is_list = get_origin(ann) is list and bool(get_args(ann))
+        if is_list:
+            ann = get_args(ann)[0]
+        if get_origin(ann) is Literal:
+            yield ".".join(key), get_args(ann), is_list
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _enumerated_settings(ann, key)
+
+
+def test_every_enumerated_setting_rejects_a_typo_when_params_are_loaded():
+    """Issue 5/11 item 5, the whole kind: a misspelt value of any enumerated setting stops at load time,
+    naming the key and the value, before a stage can delete anything."""
+    from searchrl.config import Params, validate
+    from searchrl.errors import ConfigError
+
+    settings = list(_enumerated_settings(Params))
+    assert len(settings) >= 25 and "sft.lr_scheduler" in {key for key, _, _ in settings}
+    for key, allowed, is_list in settings:
+        typo = str(allowed[0]) + "x"
+        *path, leaf = key.split(".")
+        raw: dict = {}
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = [typo] if is_list else typo
+        with pytest.raises(ConfigError, match=re.escape(leaf)):
+            validate(raw)
