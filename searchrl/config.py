@@ -64,6 +64,8 @@ def check_file_path(value: str) -> str:
 
 
 FilePath = Annotated[str, AfterValidator(check_file_path)]
+# the same, where "" means "no file" (an optional cache)
+OptionalFilePath = Annotated[str, AfterValidator(lambda value: check_file_path(value) if value else value)]
 
 
 class PolicyCfg(Section):
@@ -138,7 +140,7 @@ class ProbeCfg(Section):
     enabled: bool = True
     max_new_tokens: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
-    cache_path: FilePath = "data/cache/probe.json"
+    cache_path: OptionalFilePath = "data/cache/probe.json"  # "" = no cache
 
 
 class KnowledgeWorldCfg(Section):
