@@ -56,18 +56,6 @@ def write_passages(df: pd.DataFrame, parquet: Path, arrow: Path, batch_rows: int
             pq_writer.close()
 
 
-def write_passage_store(df: pd.DataFrame, path: Path, batch_rows: int = STORE_BATCH) -> None:
-    """Only passages.arrow (see write_passages)."""
-    import pyarrow as pa
-
-    schema = pa.schema([(c, pa.string()) for c in STORE_COLUMNS])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for a in range(0, len(df), batch_rows):
-            part = df.iloc[a:a + batch_rows]
-            writer.write_batch(pa.record_batch([pa.array(part[c].tolist(), pa.string()) for c in STORE_COLUMNS],
-                                               schema=schema))
-
-
 class PassageStore:
     """The passages of an index, read by row number without loading the corpus.
 

@@ -18,7 +18,6 @@ from searchrl.retrieval.store import (
     PASSAGE_STORE,
     PASSAGES,
     PassageStore,
-    write_passage_store,
     write_passages,
 )
 
@@ -30,7 +29,7 @@ def frame(n: int, chars: int = 40) -> pd.DataFrame:
 
 def test_rows_come_back_by_row_number_across_record_batches(tmp_path):
     df = frame(1000)
-    write_passage_store(df, tmp_path / PASSAGE_STORE, batch_rows=64)  # 16 record batches
+    write_passages(df, tmp_path / PASSAGES, tmp_path / PASSAGE_STORE, batch_rows=64)  # 16 record batches
     store = PassageStore(tmp_path, 1000)
     assert len(store) == 1000 and len(store.batches) == 16 and store.path.name == PASSAGE_STORE
     rows = np.array([999, 0, 63, 64, 500, 128])
@@ -57,7 +56,7 @@ def test_write_passages_writes_both_copies_in_row_groups(tmp_path):
 def test_a_count_that_disagrees_with_the_manifest_is_corruption(tmp_path):
     from searchrl.errors import IndexCorruptedError
 
-    write_passage_store(frame(10), tmp_path / PASSAGE_STORE)
+    write_passages(frame(10), tmp_path / PASSAGES, tmp_path / PASSAGE_STORE)
     with pytest.raises(IndexCorruptedError, match=r"passages\.arrow: 10 passages where manifest\.json says 11"):
         PassageStore(tmp_path, 11)
     (tmp_path / PASSAGE_STORE).write_bytes(b"not arrow")
@@ -106,8 +105,7 @@ MEASURE = textwrap.dedent("""
 def test_opening_a_large_store_does_not_load_the_corpus(tmp_path):
     n = 60_000
     df = frame(n, chars=2000)  # ~120 MB of text
-    df.to_parquet(tmp_path / PASSAGES, index=False, compression=None)
-    write_passage_store(df, tmp_path / PASSAGE_STORE)
+    write_passages(df, tmp_path / PASSAGES, tmp_path / PASSAGE_STORE)
     size_mb = (tmp_path / PASSAGE_STORE).stat().st_size / 2**20
     del df
 
