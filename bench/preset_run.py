@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides, as the flow's")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/<preset>_run.json")
     ap.add_argument("--note", default="", help="recorded as is (e.g. what else ran on the machine)")
+    ap.add_argument("--earlier-log", type=Path, default=None,
+                    help="the flow log of an interrupted run of the same workspace: the seconds of the stages "
+                         "it finished (which this run finds up to date) are taken from it")
     args = ap.parse_args(argv)
 
     name = Path(args.preset).stem
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     if result["rc"] != 0:
         sys.exit(f"preset_run: the flow exited {result['rc']}; log: {log}\n{text[-3000:]}")
     ran = re.findall(r"DVC ran: (.*)$", text, re.M)
+    earlier = stage_seconds(args.earlier_log.read_text(errors="replace")) if args.earlier_log else {}
+    earlier = {k: v for k, v in earlier.items() if k not in stage_seconds(text)}
     record = {
         "bench": f"every stage of {args.preset} through the Prefect flow",
         "command": f"python bench/preset_run.py {args.preset}"
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "note": args.note, **result, "dvc_ran": ran[-1] if ran else None,
-        "stage_seconds": stage_seconds(text),
+        "stage_seconds": {**earlier, **stage_seconds(text)},
+        "stage_seconds_from_earlier_log": sorted(earlier),
         "index": read_json(workspace / "reports" / "index" / "metrics.json"),
         "sample": read_json(workspace / "data" / "sft" / "stats.json"),
         "sft": read_json(workspace / "reports" / "sft" / "metrics.json"),

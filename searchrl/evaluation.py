@@ -146,6 +146,25 @@ def predict_agent(backend, retriever, records: list[QARecord], protocol_name: st
             for r in records for s in range(n) for t in [by_key[(r.id, s)]]]
 
 
+OUT_OF_TOKENS_WARN = 0.25  # a share of agent rollouts ended on the token budget that makes scores the budget's
+
+
+def budget_warning(preds: list[Prediction], method: str, max_total_tokens: int, top_k: int,
+                   train_top_k: int) -> str | None:
+    """One line when more than OUT_OF_TOKENS_WARN of an agent method's rollouts ran out of
+    agent.max_total_tokens (finish_reason "length"): its scores then measure the budget, e.g. when
+    evaluate.top_k inserts more passages per retrieval than training (agent.top_k) sized the budget for.
+    None otherwise (and for methods without rollouts)."""
+    cut = sum(p.finish_reason == "length" for p in preds)
+    if not preds or cut <= OUT_OF_TOKENS_WARN * len(preds):
+        return None
+    hint = (f"evaluate.top_k {top_k} inserts more passages per retrieval than training's agent.top_k "
+            f"{train_top_k}; set evaluate.top_k={train_top_k} or raise agent.max_total_tokens"
+            if top_k > train_top_k else "raise agent.max_total_tokens")
+    return (f"evaluate: {method}: {cut} of {len(preds)} rollouts ran out of agent.max_total_tokens "
+            f"({max_total_tokens}), so its scores are cut by the budget: {hint}")
+
+
 def apply_judge(judge, preds: list[Prediction]) -> None:
     """Judge every prediction (searchrl/judge.py) in place: `scores["lasj"]` 1.0 / 0.0, `judge` the
     verdict ("True" / "False" / "unparseable"), `judge_reply` the raw reply."""
@@ -198,12 +217,13 @@ COMPARE_KEYS = ("f1", "lasj", "cem", "em", "retrievals")
 
 def row_values(p: Prediction) -> dict[str, float]:
     """The per-row quantities that are averaged: scores x100, retrievals, internal steps, answered and
-    (agent methods) format-valid as percentages."""
+    (agent methods) format-valid and out-of-tokens (the rollout hit agent.max_total_tokens) as percentages."""
     vals = {k: 100.0 * float(p.scores[k]) for k in SCORE_KEYS if k in p.scores}
     vals.update(retrievals=float(p.retrievals), internal_steps=float(p.internal_steps),
                 answered=100.0 * (p.finish_reason == "answered"))
     if p.format_valid is not None:
         vals["format_valid"] = 100.0 * bool(p.format_valid)
+        vals["out_of_tokens"] = 100.0 * (p.finish_reason == "length")
     return vals
 
 
@@ -280,8 +300,9 @@ def timed(fn, *args, **kwargs):
 def markdown_table(metrics: dict[str, dict[str, dict]]) -> str:
     """The evaluation table people look at (Prefect artifact, README): one row per dataset and method;
     a cell with an interval reads `mean [lo, hi]`."""
-    cols = ["em", "f1", "cem", "lasj", "format_valid", "retrievals", "internal_steps", "over_search", "under_search"]
-    percent = ("em", "f1", "cem", "lasj", "format_valid", "over_search", "under_search")
+    cols = ["em", "f1", "cem", "lasj", "format_valid", "out_of_tokens", "retrievals", "internal_steps", "over_search",
+            "under_search"]
+    percent = ("em", "f1", "cem", "lasj", "format_valid", "out_of_tokens", "over_search", "under_search")
 
     def cell(m: dict, c: str) -> str:
         if c not in m:

@@ -110,6 +110,10 @@ def predict_method(params: Params, method: str, backend, protocol: str | None, r
             agent_cfg = params.agent.model_copy(update={"top_k": cfg.top_k})
             out, secs = evaluation.timed(evaluation.predict_agent, backend, retriever, records, protocol,
                                          agent_cfg, method, seed, **sampling)
+            warning = evaluation.budget_warning(out, method, agent_cfg.max_total_tokens, cfg.top_k,
+                                                params.agent.top_k)
+            if warning:
+                log.warning(warning)
         for p in out:
             p.sample += k * cfg.samples
         log.info("evaluate: %s (seed %d) done in %.1fs (%.2f answers/s)", method, seed, secs,

@@ -36,6 +36,30 @@ def test_agent_predictions_carry_format_validity():
     assert "format_valid" in table.splitlines()[0] and "| kw | sft | 2 | " in table
 
 
+def test_rollouts_cut_by_the_token_budget_are_counted_and_reported():
+    """Evaluation inserting 5 passages per retrieval into a budget that holds two blocks of training's 3
+    (params.yaml's evaluate.top_k 5 vs agent.top_k 3): the second block no longer fits, the rollout ends
+    on length. The share shows as out_of_tokens and one warning line names the keys that fix it."""
+    tok = load_tokenizer("smollm2-135m-instruct")
+    q = "Which river flows through the capital of France?"
+    script = {q: ["<external>capital of France</external>", "<external>river of Paris</external>",
+                  "<answer>Seine</answer>"]}
+    filler = " ".join(["word"] * 40)
+    retriever = KeywordRetriever([(f"p{i}", f"France {i}", f"France Paris river fact {i}. {filler}") for i in range(6)])
+    record = QARecord("a", "kw", "eval", q, ["Seine"])
+    preds = {k: evaluation.predict_agent(ScriptedBackend(tok, script, "</external>"), retriever, [record],
+                                         "r1searcher_pp", AgentCfg(top_k=k, max_total_tokens=450), "sft")
+             for k in (3, 5)}
+    assert [preds[3][0].finish_reason, preds[5][0].finish_reason] == ["answered", "length"]
+    assert evaluation.summarize(preds[3])["kw"]["sft"]["out_of_tokens"] == 0.0
+    assert evaluation.summarize(preds[5])["kw"]["sft"]["out_of_tokens"] == 100.0
+    assert evaluation.budget_warning(preds[3], "sft", 450, 3, 3) is None
+    line = evaluation.budget_warning(preds[5], "sft", 450, 5, 3)
+    assert "1 of 1 rollouts ran out of agent.max_total_tokens (450)" in line and "evaluate.top_k=3" in line
+    assert "evaluate.top_k" not in evaluation.budget_warning(preds[5], "sft", 450, 3, 3)  # then only the budget
+    assert "out_of_tokens" in evaluation.markdown_table(evaluation.summarize(preds[5])).splitlines()[0]
+
+
 def test_agent_answers_are_scored_raw_like_the_reference():
     """Issue 11 item 5: " False " is not the exact string "False", so it is not mapped to "no" (the
     old code stripped the answer first and scored EM 1 against the gold "no")."""
