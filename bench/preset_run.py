@@ -1,15 +1,17 @@
 """One preset through every stage of the Prefect flow, as a user runs it, measured.
 
-    python bench/preset_run.py configs/hotpotqa_local.yaml      # ~2-3 hours on a 2-core CPU
+    python bench/preset_run.py configs/hotpotqa_local.yaml      # ~2 hours on a 2-core CPU
+    python bench/preset_run.py                                  # the embedded default (== make run)
 
-Runs `python -m flows.pipeline --preset PRESET [--set ...]` in this checkout (its workspace under
-runs/, the shared DVC cache) and records: wall seconds, the peak resident memory of the whole process
+Runs `python -m flows.pipeline [--preset PRESET] [--set ...]` in this checkout (a preset's workspace
+under runs/, the embedded default's the project itself; the shared DVC cache) and records: wall seconds, the peak resident memory of the whole process
 tree (flow, Prefect server, DVC, the stage; sampled every second), each stage's seconds (from its
 "Running stage" line to its task's completion in the flow log), what the sample and SFT stages kept,
 each RL run's summary, and the evaluation's metrics. A stage DVC finds up to date takes ~1 s, so
 measure a preset on a workspace and DVC cache it has not run in. Not a timed test: the CPU may be
 shared (the load average at the end is recorded).
-Results: bench/results/<preset name>_run.json (or --out); the flow's log beside it in the workspace.
+Results: bench/results/<preset name>_run.json, make_run.json for the default (or --out); the flow's log
+in runs/.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def read_json(path: Path):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("preset", help="a preset under configs/, e.g. configs/hotpotqa_local.yaml")
+    ap.add_argument("preset", nargs="?", default="",
+                    help="a preset under configs/, e.g. configs/hotpotqa_local.yaml (none: the embedded default)")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides, as the flow's")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/<preset>_run.json")
     ap.add_argument("--note", default="", help="recorded as is (e.g. what else ran on the machine)")
@@ -95,12 +98,12 @@ def main(argv: list[str] | None = None) -> None:
                          "it finished (which this run finds up to date) are taken from it")
     args = ap.parse_args(argv)
 
-    name = Path(args.preset).stem
+    name = Path(args.preset).stem if args.preset else "make"
     out = args.out or ROOT / "bench" / "results" / f"{name}_run.json"
-    workspace = Path(os.environ.get("SEARCHRL_RUNS_DIR", ROOT / "runs")) / name
+    workspace = Path(os.environ.get("SEARCHRL_RUNS_DIR", ROOT / "runs")) / name if args.preset else ROOT
     log = ROOT / "runs" / f"{name}_flow.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    flow_args = ["--preset", args.preset] + (["--set", *args.overrides] if args.overrides else [])
+    flow_args = (["--preset", args.preset] if args.preset else []) + (["--set", *args.overrides] if args.overrides else [])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     print(f"preset_run: python -m flows.pipeline {' '.join(flow_args)}  (log: {log})", flush=True)
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     earlier = stage_seconds(args.earlier_log.read_text(errors="replace")) if args.earlier_log else {}
     earlier = {k: v for k, v in earlier.items() if k not in stage_seconds(text)}
     record = {
-        "bench": f"every stage of {args.preset} through the Prefect flow",
-        "command": f"python bench/preset_run.py {args.preset}"
+        "bench": f"every stage of {args.preset or 'the embedded default (make run)'} through the Prefect flow",
+        "command": f"python bench/preset_run.py {args.preset}".rstrip()
                    + (f" --set {' '.join(args.overrides)}" if args.overrides else ""),
         "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "load_average_end": [round(x, 2) for x in os.getloadavg()]},

@@ -253,20 +253,25 @@ def chunk(examples: Sequence[MemoryExample], n_chunks: int, index: int) -> list[
 
 
 def nll_sum(model, examples: Sequence[MemoryExample], pad_id: int) -> tuple[torch.Tensor, int]:
-    """(sum of -log pi(y_t | x, y_<t) over the completion tokens of `examples`, number of those tokens)."""
+    """(sum of -log pi(y_t | x, y_<t) over the completion tokens of `examples`, number of those tokens).
+
+    Logits are computed only from the first completion-predicting position on (`logits_to_keep`): a
+    (B, T, vocab) fp32 tensor over the prompt too, and its log-softmax and gradient, are the largest
+    transient of an RL micro-batch on a 49k vocabulary."""
     device = next(model.parameters()).device
     seqs = [e.prompt_ids + e.completion_ids for e in examples]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    labels = torch.full((len(seqs), width + 1), -100, dtype=torch.long)  # one pad column: no slicing below
     for i, (e, s) in enumerate(zip(examples, seqs, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
         labels[i, len(e.prompt_ids): len(s)] = torch.tensor(e.completion_ids)
-    input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+    start = max(min(len(e.prompt_ids) for e in examples) - 1, 0)  # the first position that predicts a label
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    target = labels[:, start + 1:].to(device)  # position t predicts token t + 1
+    logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=width - start).logits
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
                                             ignore_index=-100, reduction="sum")
     return nll, int((target != -100).sum().item())

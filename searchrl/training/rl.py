@@ -78,7 +78,6 @@ from searchrl.io import atomic_path, read_json, stable_hash, write_json
 from searchrl.training import memorization as M
 from searchrl.training.advantages import flat_groups, group_normalized, reinforce_pp_baseline
 from searchrl.training.checkpoints import last_complete_checkpoint
-from searchrl.training.memory import release_freed_memory, release_memory_callback
 from searchrl.training.rl_steps import (
     CollapseGuard,
     MaskingError,
@@ -391,7 +390,6 @@ def _grpo_trainer_class():
                 else:  # TRL's GRPO formula, with no variance mapped to exactly no signal
                     out["advantages"] = group_normalized(self._step_rewards(), self.num_generations).to(
                         out["advantages"].device)
-                release_freed_memory()  # the rollouts' KV caches and the scoring forwards' logits
             return out
 
         def _check_loss_mask(self, out: dict) -> None:
@@ -745,8 +743,7 @@ def train_phase(params: Params, cfg: RlCfg, phase: RlPhaseCfg, init: str, ref_mo
     guard = CollapseGuard(cfg.collapse_window, cfg.collapse_format_drop, cfg.collapse_reward_drop)
     callback = _log_callback_class()(phase.name, offset, total_steps, guard, mlflow_log)
     trainer = make_trainer(params, cfg, phase, init, records, phase_dir, retriever, tokenizer,
-                           ref_model=ref_model, teacher_backend=teacher_backend,
-                           callbacks=[callback, release_memory_callback()],
+                           ref_model=ref_model, teacher_backend=teacher_backend, callbacks=[callback],
                            seed_base=seed_base)
     if on_trainer_built is not None:
         on_trainer_built()

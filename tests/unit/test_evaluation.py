@@ -38,7 +38,7 @@ def test_agent_predictions_carry_format_validity():
 
 def test_rollouts_cut_by_the_token_budget_are_counted_and_reported():
     """Evaluation inserting 5 passages per retrieval into a budget that holds two blocks of training's 3
-    (params.yaml's evaluate.top_k 5 vs agent.top_k 3): the second block no longer fits, the rollout ends
+    (params.yaml's evaluate.top_k was 5, agent.top_k 3): the second block no longer fits, the rollout ends
     on length. The share shows as out_of_tokens and one warning line names the keys that fix it."""
     tok = load_tokenizer("smollm2-135m-instruct")
     q = "Which river flows through the capital of France?"

@@ -210,3 +210,31 @@ def test_empty_set_warning_after_window_steps():
     assert "empty for 3 steps" in nothing and "nothing to rewrite" in nothing and "rl.rewriter: oracle" in nothing
     rejected = M.empty_set_warning([0, 0, 0], [2, 0, 1], 3, "policy")
     assert "offered 3 correct searched rollouts" in rejected and "\n" not in rejected
+
+
+def test_nll_sum_over_kept_logits_equals_the_full_sequence_computation(tiny_model_dir):
+    """nll_sum computes logits only from the first label-predicting position on; value and gradient
+    equal the plain computation over every position (prompts of different lengths, right padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(10, 1000, (n,), generator=g).tolist()  # noqa: E731
+    examples = [M.MemoryExample("a", "", ids(7), ids(5)), M.MemoryExample("b", "", ids(3), ids(9)),
+                M.MemoryExample("c", "", ids(12), ids(1))]
+    nll, n = M.nll_sum(model, examples, pad_id=0)
+    nll.backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = torch.zeros(())
+    for e in examples:  # one unpadded sequence at a time, logits at every position
+        seq = torch.tensor([e.prompt_ids + e.completion_ids])
+        logp = torch.log_softmax(model(input_ids=seq).logits[0, :-1], dim=-1)
+        pos = torch.arange(len(e.prompt_ids) - 1, seq.size(1) - 1)
+        ref = ref - logp[pos, seq[0, pos + 1]].sum()
+    ref.backward()
+    assert n == 15
+    torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(fast, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
