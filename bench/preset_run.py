@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     if result["rc"] != 0:
         sys.exit(f"preset_run: the flow exited {result['rc']}; log: {log}\n{text[-3000:]}")
     ran = re.findall(r"DVC ran: (.*)$", text, re.M)
+    current = stage_seconds(text)
     earlier = stage_seconds(args.earlier_log.read_text(errors="replace")) if args.earlier_log else {}
-    earlier = {k: v for k, v in earlier.items() if k not in stage_seconds(text)}
+    earlier = {k: v for k, v in earlier.items() if k not in current}
     record = {
         "bench": f"every stage of {args.preset or 'the embedded default (make run)'} through the Prefect flow",
         "command": f"python bench/preset_run.py {args.preset}".rstrip()
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "note": args.note, **result, "dvc_ran": ran[-1] if ran else None,
-        "stage_seconds": {**earlier, **stage_seconds(text)},
+        "stage_seconds": {**earlier, **current},
         "stage_seconds_from_earlier_log": sorted(earlier),
         "index": read_json(workspace / "reports" / "index" / "metrics.json"),
         "sample": read_json(workspace / "data" / "sft" / "stats.json"),
