@@ -82,8 +82,9 @@ def run_rl(workspace: Path, env: dict, log: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workspace", type=Path, default=ROOT, help="a workspace after its sft stage (default: the project)")
-    ap.add_argument("--steps", type=int, default=2, help="RL steps per configuration")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json")
+    ap.add_argument("--steps", type=int, default=2, help="RL steps per configuration (default: 2)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json",
+                    help="result file (default: bench/results/memory.json)")
     args = ap.parse_args(argv)
     source = args.workspace.resolve()
     if not (source / "models" / "sft" / "config.json").is_file():
