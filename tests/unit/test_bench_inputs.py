@@ -69,3 +69,20 @@ def test_the_recorded_corpus_hash_is_the_default_sample_of_the_shared_corpus(sha
     recorded = json.loads((ROOT / "bench" / "results" / "search.json").read_text())
     sample = load_corpus(shared_data / "corpus", bench_search.DEFAULT_LIMIT, 0)
     assert corpus_hash(read_passages(sample)) == recorded["corpus"]["corpus_hash"]
+
+
+def test_preset_run_reads_each_stage_time_from_the_flow_log():
+    """Stage seconds from the Prefect task lines: the last attempt of a retried stage counts, a stage
+    that never finished is left out, a run past midnight wraps."""
+    import preset_run
+
+    log = "\n".join([
+        "23:59:50.000 | INFO    | Task run 'dvc-repro-sft' - Running stage 'sft':",
+        "00:00:20.500 | INFO    | Task run 'dvc-repro-sft' - Finished in state Completed()",
+        "00:00:21.000 | INFO    | Task run 'dvc-repro-rl' - Running stage 'rl':",
+        "00:01:00.000 | INFO    | Task run 'dvc-repro-rl' - Task run failed with exception: StageFailed(...)",
+        "00:01:05.000 | INFO    | Task run 'dvc-repro-rl' - Running stage 'rl':",
+        "00:02:05.000 | INFO    | Task run 'dvc-repro-rl' - Finished in state Completed()",
+        "00:02:06.000 | INFO    | Task run 'dvc-repro-rl_ablation@x' - Running stage 'rl_ablation@x':",
+    ])
+    assert preset_run.stage_seconds(log) == {"sft": 30.5, "rl": 60.0}
