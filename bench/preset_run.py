@@ -27,6 +27,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from searchrl.io import read_json
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_START = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) .*Task run 'dvc-repro-(\S+)' - Running stage")
 STAGE_END = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) .*Task run 'dvc-repro-(\S+)' - Finished in state")
@@ -51,27 +53,17 @@ def stage_seconds(log_text: str) -> dict[str, float]:
 
 def run_flow(args: list[str], log: Path) -> dict:
     """The flow in a child process: wall seconds and the peak RSS (GiB) of its process tree."""
-    import psutil
+    from smoke_footprint import tree_rss  # bench/ is the script's directory
 
-    peak, done = [0.0], threading.Event()
+    peak, done = [0], threading.Event()
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", *args], cwd=ROOT, stdout=fh,
                                 stderr=subprocess.STDOUT)
-        root = psutil.Process(proc.pid)
 
         def sample() -> None:
             while not done.is_set():
-                total = 0
-                try:
-                    for p in [root, *root.children(recursive=True)]:
-                        try:
-                            total += p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                except psutil.Error:
-                    pass
-                peak[0] = max(peak[0], total / 2**30)
+                peak[0] = max(peak[0], tree_rss(proc.pid))
                 done.wait(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -79,11 +71,12 @@ def run_flow(args: list[str], log: Path) -> dict:
         rc = proc.wait()
         done.set()
         sampler.join()
-    return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib_process_tree": round(peak[0], 2)}
+    return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_gib_process_tree": round(peak[0] / 2**30, 2)}
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+def optional_json(path: Path):
+    return read_json(path) if path.exists() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,12 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note, **result, "dvc_ran": ran[-1] if ran else None,
         "stage_seconds": {**earlier, **current},
         "stage_seconds_from_earlier_log": sorted(earlier),
-        "index": read_json(workspace / "reports" / "index" / "metrics.json"),
-        "sample": read_json(workspace / "data" / "sft" / "stats.json"),
-        "sft": read_json(workspace / "reports" / "sft" / "metrics.json"),
-        "rl": {d.name: read_json(d / "metrics.json") for d in sorted((workspace / "reports" / "rl").glob("*"))},
-        "eval": read_json(workspace / "reports" / "eval" / "metrics.json"),
-        "memorization": read_json(workspace / "reports" / "eval" / "memorization.json"),
+        "index": optional_json(workspace / "reports" / "index" / "metrics.json"),
+        "sample": optional_json(workspace / "data" / "sft" / "stats.json"),
+        "sft": optional_json(workspace / "reports" / "sft" / "metrics.json"),
+        "rl": {d.name: optional_json(d / "metrics.json") for d in sorted((workspace / "reports" / "rl").glob("*"))},
+        "eval": optional_json(workspace / "reports" / "eval" / "metrics.json"),
+        "memorization": optional_json(workspace / "reports" / "eval" / "memorization.json"),
     }
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"preset_run: {result['seconds']:.0f} s, peak {result['peak_rss_gib_process_tree']} GiB -> {out}")
