@@ -51,21 +51,17 @@ def workspace_copy(source: Path, dest: Path, rl: dict) -> None:
 
 
 def run_rl(workspace: Path, env: dict, log: Path) -> dict:
-    import psutil
+    from smoke_footprint import tree_rss  # bench/ is the script's directory
 
     peak, done = [0], threading.Event()
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "tasks.rl"], cwd=workspace, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)
-        ps = psutil.Process(proc.pid)
 
         def sample() -> None:
             while not done.is_set():
-                try:
-                    peak[0] = max(peak[0], ps.memory_info().rss)
-                except psutil.Error:
-                    pass
+                peak[0] = max(peak[0], tree_rss(proc.pid))
                 done.wait(0.2)
 
         threading.Thread(target=sample, daemon=True).start()
