@@ -30,12 +30,14 @@ from pathlib import Path
 
 import yaml
 
+from searchrl.io import read_json
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [  # (name, rl overrides)
-    ("micro_batch_4", {"micro_batch_size": 4}),
-    ("micro_batch_1", {"micro_batch_size": 1}),
-    ("micro_batch_1_gradient_checkpointing", {"micro_batch_size": 1, "gradient_checkpointing": True}),
-]
+CONFIGS = {  # name: rl overrides
+    "micro_batch_4": {"micro_batch_size": 4},
+    "micro_batch_1": {"micro_batch_size": 1},
+    "micro_batch_1_gradient_checkpointing": {"micro_batch_size": 1, "gradient_checkpointing": True},
+}
 
 
 def workspace_copy(source: Path, dest: Path, rl: dict) -> None:
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workspace", type=Path, default=ROOT, help="a workspace after its sft stage (default: the project)")
     ap.add_argument("--steps", type=int, default=2, help="RL steps per configuration (default: 2)")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="configurations to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.json",
                     help="result file (default: bench/results/memory.json)")
     args = ap.parse_args(argv)
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     env.pop("SEARCHRL_PARENT_RUN_ID", None)
     results = {}
     try:
-        for name, overrides in CONFIGS:
+        for name in args.configs:
+            overrides = CONFIGS[name]
             ws = tmp / name
             workspace_copy(source, ws, {"max_steps": args.steps, "save_steps": args.steps, **overrides,
                                         "checkpoint_dir": "bench-ckpt", "out_dir": "bench-out",
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         "floor_gib_fp32_policy_reference_grads_adamw": round(4 * n_params * 5 / 2**30, 2),
         "results": results,
     }
+    if args.out.is_file():  # earlier findings stay on record ("tried_*", "before_*", written by hand)
+        record.update({k: v for k, v in read_json(args.out).items() if k.startswith(("tried_", "before_"))})
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"bench_memory: -> {args.out}")
 

@@ -372,11 +372,13 @@ class HFBackend:
                     order = cache.keep_rows(keep, max((rows[j].pos for j in keep), default=0))
                     rows = [rows[j] for j in order]
                     tok = tok[torch.tensor(order, device=tok.device)] if order else None
-            reqs = self._admit(waiting, self.batch_size - len(rows), on_finish)
+            reqs = self._admit(waiting, (cache.rows if cache is not None else self.batch_size) - len(rows),
+                               on_finish)
             if reqs:
-                if cache is None:
+                if cache is None:  # rows for the requests there are (fewer than batch_size: less memory)
                     need = max(len(p) + b for _, p, b in (*reqs, *waiting))
-                    cache = SlotCache.for_model(self.model, self.batch_size, self._width(need))
+                    cache = SlotCache.for_model(self.model, min(self.batch_size, len(reqs) + len(waiting)),
+                                                self._width(need))
                     step = DecodeStep(self, cache, static=self.static_decode, graphs=self.device.type == "cuda")
                 new, logits = self._prefill(reqs, store, cache, rows, tok)
             elif rows:

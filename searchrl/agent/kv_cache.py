@@ -17,6 +17,7 @@ prefix, so a continuation (prompt + generated + inserted documents) only runs it
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -31,7 +32,10 @@ class SlotLayer(CacheLayerMixin):
 
     def __init__(self, owner: SlotCache, keys, values):
         super().__init__()
-        self.owner = owner
+        # a proxy, not a reference: a cycle cache -> layer -> cache would keep the slots (up to ~1 GB)
+        # alive after the decode loop, until Python's cyclic collector happened to run (e.g. through
+        # an RL step's backward pass)
+        self.owner = weakref.proxy(owner)
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
