@@ -4,10 +4,11 @@
     python bench/preset_run.py                                  # the embedded default (== make run)
 
 Runs `python -m flows.pipeline [--preset PRESET] [--set ...]` in this checkout (a preset's workspace
-under runs/, the embedded default's the project itself; the shared DVC cache) and records: wall seconds, the peak resident memory of the whole process
-tree (flow, Prefect server, DVC, the stage; sampled every second), each stage's seconds (from its
-"Running stage" line to its task's completion in the flow log), what the sample and SFT stages kept,
-each RL run's summary, and the evaluation's metrics. A stage DVC finds up to date takes ~1 s, so
+under runs/, the embedded default's the project itself; the shared DVC cache) and records: wall
+seconds, the peak resident memory of the whole process tree (flow, Prefect server, DVC, the stage;
+sampled every second) and, per stage, the peak of the tree while it ran and of the stage's own
+processes, each stage's seconds (from its "Running stage" line to its task's completion in the flow
+log), what the sample and SFT stages kept, each RL run's summary, and the evaluation's metrics. A stage DVC finds up to date takes ~1 s, so
 measure a preset on a workspace and DVC cache it has not run in. Not a timed test: the CPU may be
 shared (the load average at the end is recorded).
 Results: bench/results/<preset name>_run.json, make_run.json for the default (or --out); the flow's log
@@ -52,10 +53,13 @@ def stage_seconds(log_text: str) -> dict[str, float]:
 
 
 def run_flow(args: list[str], log: Path) -> dict:
-    """The flow in a child process: wall seconds and the peak RSS (GiB) of its process tree."""
-    from smoke_footprint import tree_rss  # bench/ is the script's directory
+    """The flow in a child process: wall seconds, the peak RSS (GiB) of its process tree, and per stage
+    the peak of the tree while the stage ran and of the stage's own processes."""
+    from smoke_footprint import tree_sample  # bench/ is the script's directory
 
     peak, done = [0], threading.Event()
+    tree_peak: dict[str, int] = {}
+    own_peak: dict[str, int] = {}
     t0 = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", *args], cwd=ROOT, stdout=fh,
@@ -63,7 +67,11 @@ def run_flow(args: list[str], log: Path) -> dict:
 
         def sample() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(proc.pid))
+                total, stages = tree_sample(proc.pid)
+                peak[0] = max(peak[0], total)
+                for stage, rss in stages.items():
+                    tree_peak[stage] = max(tree_peak.get(stage, 0), total)
+                    own_peak[stage] = max(own_peak.get(stage, 0), rss)
                 done.wait(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -71,8 +79,11 @@ def run_flow(args: list[str], log: Path) -> dict:
         rc = proc.wait()
         done.set()
         sampler.join()
+    gib = lambda b: round(b / 2**30, 2)  # noqa: E731
     return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_gib_process_tree": round(peak[0] / 2**30, 2)}
+            "peak_rss_gib_process_tree": gib(peak[0]),
+            "peak_rss_gib_by_stage": {k: {"process_tree": gib(tree_peak[k]), "stage": gib(own_peak[k])}
+                                      for k in tree_peak}}
 
 
 def optional_json(path: Path):

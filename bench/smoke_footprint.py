@@ -46,21 +46,41 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
-def tree_rss(pid: int) -> int:
+def stage_of(cmdline: list[str]) -> str | None:
+    """The DVC stage a process runs, from its command line: `python -m tasks.rl --ablation x` (also
+    under `python -m searchrl.launch tasks.rl ...`) -> "rl_ablation@x"; None for any other process."""
+    for j, arg in enumerate(cmdline):
+        if arg.startswith("tasks."):
+            rest = cmdline[j + 1:]
+            if "--ablation" in rest and rest.index("--ablation") + 1 < len(rest):
+                return f"rl_ablation@{rest[rest.index('--ablation') + 1]}"
+            return arg.removeprefix("tasks.")
+    return None
+
+
+def tree_sample(pid: int) -> tuple[int, dict[str, int]]:
+    """(RSS bytes of the process tree under pid, {stage: RSS bytes of that stage's processes})."""
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, {}
+    total, stages = 0, {}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            rss, stage = p.memory_info().rss, stage_of(p.cmdline())
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += rss
+        if stage is not None:
+            stages[stage] = stages.get(stage, 0) + rss
+    return total, stages
+
+
+def tree_rss(pid: int) -> int:
+    """RSS bytes of the process tree under pid."""
+    return tree_sample(pid)[0]
 
 
 def run_flow(args: list[str], env: dict, log: Path) -> dict:

@@ -86,3 +86,19 @@ def test_preset_run_reads_each_stage_time_from_the_flow_log():
         "00:02:06.000 | INFO    | Task run 'dvc-repro-rl_ablation@x' - Running stage 'rl_ablation@x':",
     ])
     assert preset_run.stage_seconds(log) == {"sft": 30.5, "rl": 60.0}
+
+
+def test_memory_is_attributed_to_the_dvc_stage_a_process_runs():
+    """Processes are named after the DVC stage of dvc.yaml they run (the launcher, the task itself, an
+    RL ablation), and only those: the flow, DVC and the Prefect server belong to no stage."""
+    from smoke_footprint import stage_of
+
+    py = "/x/.venv/bin/python"
+    assert stage_of([py, "-m", "tasks.sft"]) == "sft"
+    assert stage_of([py, "-m", "searchrl.launch", "tasks.rl"]) == "rl"
+    assert stage_of([py, "-m", "tasks.rl", "--ablation", "no_memorization"]) == "rl_ablation@no_memorization"
+    assert stage_of([py, "-m", "searchrl.launch", "tasks.rl", "--ablation", "r1searcher"]) == "rl_ablation@r1searcher"
+    assert stage_of([py, "-m", "tasks.rl", "--ablation"]) == "rl"
+    assert stage_of([py, "-m", "flows.pipeline", "--stages", "sft"]) is None
+    assert stage_of([py, "-m", "searchrl.runcache", "repro", "sft"]) is None
+    assert stage_of([]) is None
