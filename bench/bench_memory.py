@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     record = {
         "bench": "peak RSS of the RL stage process (tasks.rl) by rl.micro_batch_size and gradient checkpointing",
-        "command": f"python bench/bench_memory.py --workspace {args.workspace} --steps {args.steps}",
+        "command": "python bench/bench_memory.py" + (f" --workspace {args.workspace}" if source != ROOT else "")
+                   + f" --steps {args.steps}",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
         "rl": {k: base[k] for k in ("num_generations", "prompts_per_step", "memorization", "beta")},
         "parameters": n_params,
