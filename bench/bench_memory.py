@@ -7,9 +7,10 @@ Each configuration runs `python -m tasks.rl` for `--steps` steps in a fresh temp
 source workspace's data/ and models/sft, its params.yaml with rl overridden; nothing in the source is
 written) and samples the process's RSS every 0.2 s. Configurations: rl.micro_batch_size 4 and 1 (the
 same update: the step accumulates over all its rollouts) and, at 1, rl.gradient_checkpointing
-(activations recomputed in the backward pass). Also recorded: the floor of any fp32 full-parameter
-RL step with a frozen reference, 4 bytes x parameters x (policy + reference + gradients + 2 AdamW
-moments). Not a timed test: seconds per step are recorded with the load average.
+(activations recomputed in the backward pass) or rl.use_lora (adapters on a frozen base that is also
+the KL reference: no second model; gradients and AdamW moments for the adapters only). Also recorded:
+the floor of any fp32 full-parameter RL step with a frozen reference, 4 bytes x parameters x (policy +
+reference + gradients + 2 AdamW moments). Not a timed test: seconds per step are recorded with the load average.
 Results: bench/results/memory.json (or --out).
 """
 
@@ -37,6 +38,7 @@ CONFIGS = {  # name: rl overrides
     "micro_batch_4": {"micro_batch_size": 4},
     "micro_batch_1": {"micro_batch_size": 1},
     "micro_batch_1_gradient_checkpointing": {"micro_batch_size": 1, "gradient_checkpointing": True},
+    "micro_batch_1_lora": {"micro_batch_size": 1, "use_lora": True},  # frozen base = the reference
 }
 
 
