@@ -10,7 +10,8 @@ same update: the step accumulates over all its rollouts) and, at 1, rl.gradient_
 (activations recomputed in the backward pass) or rl.use_lora (adapters on a frozen base that is also
 the KL reference: no second model; gradients and AdamW moments for the adapters only). Also recorded:
 the floor of any fp32 full-parameter RL step with a frozen reference, 4 bytes x parameters x (policy +
-reference + gradients + 2 AdamW moments). Not a timed test: seconds per step are recorded with the load average.
+reference + gradients + 2 AdamW moments). Not a timed test: seconds per step are recorded with the
+load average.
 Results: bench/results/memory.json (or --out).
 """
 
@@ -39,6 +40,8 @@ CONFIGS = {  # name: rl overrides
     "micro_batch_1": {"micro_batch_size": 1},
     "micro_batch_1_gradient_checkpointing": {"micro_batch_size": 1, "gradient_checkpointing": True},
     "micro_batch_1_lora": {"micro_batch_size": 1, "use_lora": True},  # frozen base = the reference
+    "micro_batch_1_lora_gradient_checkpointing": {"micro_batch_size": 1, "use_lora": True,
+                                                  "gradient_checkpointing": True},
 }
 
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     with safe_open(str(source / "models" / "sft" / "model.safetensors"), "pt") as f:
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     record = {
-        "bench": "peak RSS of the RL stage process (tasks.rl) by rl.micro_batch_size and gradient checkpointing",
+        "bench": "peak RSS of the RL stage process (tasks.rl) by rl.micro_batch_size, gradient checkpointing and LoRA",
         "command": "python bench/bench_memory.py" + (f" --workspace {args.workspace}" if source != ROOT else "")
                    + f" --steps {args.steps}",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),

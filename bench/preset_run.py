@@ -8,9 +8,9 @@ under runs/, the embedded default's the project itself; the shared DVC cache) an
 seconds, the peak resident memory of the whole process tree (flow, Prefect server, DVC, the stage;
 sampled every second) and, per stage, the peak of the tree while it ran and of the stage's own
 processes, each stage's seconds (from its "Running stage" line to its task's completion in the flow
-log), what the sample and SFT stages kept, each RL run's summary, and the evaluation's metrics. A stage DVC finds up to date takes ~1 s, so
-measure a preset on a workspace and DVC cache it has not run in. Not a timed test: the CPU may be
-shared (the load average at the end is recorded).
+log), what the sample and SFT stages kept, each RL run's summary, and the evaluation's metrics. A
+stage DVC finds up to date takes ~1 s, so measure a preset on a workspace and DVC cache it has not run
+in. Not a timed test: the CPU may be shared (the load average at the end is recorded).
 Results: bench/results/<preset name>_run.json, make_run.json for the default (or --out); the flow's log
 in runs/.
 """
