@@ -63,7 +63,8 @@ def tree_sample(pid: int) -> tuple[int, dict[str, int]]:
     import psutil
 
     try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return 0, {}
     total, stages = 0, {}
