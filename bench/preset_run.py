@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("preset", nargs="?", default="",
                     help="a preset under configs/, e.g. configs/hotpotqa_local.yaml (none: the embedded default)")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides, as the flow's")
-    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/<preset>_run.json")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", help="key=value overrides, passed to the flow's --set")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/<preset>_run.json (make_run.json without a preset)")
     ap.add_argument("--note", default="", help="recorded as is (e.g. what else ran on the machine)")
     ap.add_argument("--earlier-log", type=Path, default=None,
                     help="the flow log of an interrupted run of the same workspace: the seconds of the stages "
